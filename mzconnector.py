@@ -1,0 +1,1417 @@
+"""mzconnector: explore a running workflow from a notebook or a script.
+
+Copy this one file next to a notebook; it needs only ``msgspec`` (``pip install msgspec``).
+Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars).
+
+    import mzconnector
+    with mzconnector.connect("127.0.0.1", 7777, timeout=10) as conn:
+        conn.submit(conn.udrs.Subscriber(msisdn="46700000001", balance=10))
+        conn.flush()
+        print(conn.receive(timeout=5), conn.mim(), conn.api.double(21))
+
+The file is also the home of the wire protocol: the connector server imports its protocol from
+here, so client and server can never disagree about a byte. Sections, in dependency order:
+
+1. Errors            one exception tree (below)
+2. Protocol          frames, messages and the sans-IO state machine (bytes in, events out)
+3. Records           the builder that turns a type schema into record (UDR) classes, and their codec
+4. API modules       server-shipped source, executed in a fresh module namespace on the client
+5. Transports        plain TCP and TLS (over ``ssl.MemoryBIO``), safe to share between two threads
+6. Connection        the blocking client: ``connect()``, ``Connection``
+
+Exceptions::
+
+    MZConnectorError
+    ├── ConnectError                could not open a connection (unreachable, TLS, handshake)
+    │   ├── ConnectionRefused       the server refused it (a connection limit)
+    │   └── ConnectionRejected      the workflow rejected it (connection control); ``.reason``
+    ├── ConnectionClosed            the connection is gone; ``.unacknowledged`` lists the records
+    │                               submitted but never acknowledged by the server
+    ├── ProtocolError
+    │   ├── LocalProtocolError      this side broke the protocol (a bug, or a record too large)
+    │   └── RemoteProtocolError     the peer broke the protocol
+    ├── RecordRefused               the server refused records; ``.errors`` names type and field
+    ├── NotAccepted (+ TypeError)   ``submit`` of a type this connector does not accept
+    ├── Timeout (+ TimeoutError)    no answer within the timeout
+    └── SchemaError (+ ValueError)  a record type declaration that cannot be built
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import enum
+import itertools
+import keyword
+import linecache
+import pickle
+import re
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import types
+import typing
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Optional, Union
+
+import msgspec
+
+__all__ = [
+    "DEFAULT_PORT",
+    "PROTOCOL_VERSION",
+    "ConnectError",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionRefused",
+    "ConnectionRejected",
+    "LocalProtocolError",
+    "MZConnectorError",
+    "NotAccepted",
+    "ProtocolError",
+    "RecordError",
+    "RecordRefused",
+    "RemoteProtocolError",
+    "SchemaError",
+    "Timeout",
+    "connect",
+]
+
+__version__ = "0.1.0"
+
+DEFAULT_PORT = 7777
+PROTOCOL_VERSION = 1
+#: The first bytes a client sends: lets a server tell a stray client (or a TLS hello) at once.
+MAGIC = b"MZC\x00"
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class MZConnectorError(Exception):
+    """Base class of every error this module raises."""
+
+
+class ConnectError(MZConnectorError):
+    """A connection could not be opened."""
+
+
+class ConnectionRefused(ConnectError):
+    """The server refused the connection (for instance, a connection limit is reached)."""
+
+
+class ConnectionRejected(ConnectError):
+    """The workflow rejected the connection request; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the workflow rejected the connection: {reason}")
+        self.reason = reason
+
+
+class ConnectionClosed(MZConnectorError):
+    """The connection is closed. ``unacknowledged`` holds the records submitted on it that the
+    server never acknowledged (they may or may not have been processed)."""
+
+    def __init__(self, message: str, unacknowledged: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.unacknowledged: list[Any] = unacknowledged or []
+
+
+class ProtocolError(MZConnectorError):
+    """The protocol was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class RecordError(msgspec.Struct, array_like=True, frozen=True):
+    """Why the server refused one record: its position among all records submitted on the
+    connection (0-based), its type name, the offending field (if known) and the problem."""
+
+    index: int
+    type: str
+    field: Optional[str]
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.type}.{self.field}" if self.field else self.type
+        return f"record #{self.index} ({where}): {self.message}"
+
+
+class RecordRefused(MZConnectorError):
+    """The server refused one or more records; ``errors`` has a ``RecordError`` for each.
+    The other records of the same batch were delivered."""
+
+    def __init__(self, errors: list[RecordError]) -> None:
+        head = "; ".join(str(e) for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        super().__init__(f"the server refused {len(errors)} record(s): {head}{more}")
+        self.errors = errors
+
+
+class NotAccepted(MZConnectorError, TypeError):
+    """``submit`` was given something the connector does not accept. Nothing was sent."""
+
+
+class Timeout(MZConnectorError, TimeoutError):
+    """No answer within the timeout."""
+
+
+class SchemaError(MZConnectorError, ValueError):
+    """A record type declaration that cannot be turned into a record class."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Protocol: frames, messages, sans-IO state machine
+# ---------------------------------------------------------------------------------------------
+#
+# A frame is a 4-byte big-endian length followed by that many bytes of msgpack: one message,
+# a tagged msgspec Struct encoded as an array. Records travel in batches: the ``items`` of a
+# ``Records`` message is a msgpack array of records, kept undecoded (``msgspec.Raw``) by the
+# protocol layer so that the receiver decodes a whole batch with one typed call.
+
+
+class Message(msgspec.Struct, tag=True, array_like=True):
+    """Base of every message on the wire."""
+
+
+class ApiModule(msgspec.Struct, array_like=True):
+    """An API module as the server ships it: its name and source text."""
+
+    name: str
+    source: str
+
+
+class Hello(Message):
+    """Client -> server, first frame after ``MAGIC``."""
+
+    protocol: int
+    name: str = ""
+    metadata: dict[str, Any] = {}
+    client: str = ""
+
+
+class Welcome(Message):
+    """Server -> client: the connection is open."""
+
+    protocol: int
+    connection_id: int
+    workflow: str
+    schema: dict[str, dict[str, str]]
+    accepted: list[str]
+    api: list[ApiModule]
+    max_frame_size: int
+    server: str = ""
+
+
+class Refuse(Message):
+    """Server -> client, instead of ``Welcome``: the connection is refused. ``code`` is one of
+    ``"limit"``, ``"rejected"``, ``"protocol"``, ``"shutdown"``."""
+
+    code: str
+    reason: str
+
+
+class Records(Message):
+    """A batch of records, in either direction."""
+
+    items: msgspec.Raw
+
+
+class Flush(Message):
+    """Client -> server: acknowledge everything taken so far."""
+
+
+class Ack(Message):
+    """Server -> client: ``taken`` records of this connection have been handed to their routes
+    (or refused, with a ``Refused`` message sent before this one)."""
+
+    taken: int
+
+
+class Refused(Message):
+    """Server -> client: records the server refused."""
+
+    errors: list[RecordError]
+
+
+class GetMim(Message):
+    """Client -> server: ask for the MIM values."""
+
+
+class Mim(Message):
+    """Server -> client: the MIM values, name -> value."""
+
+    values: dict[str, Any]
+
+
+class Notice(Message):
+    """Server -> client: something the user should know (e.g. records that could not be
+    delivered to this connection). ``dropped`` counts such records."""
+
+    message: str
+    dropped: int = 0
+
+
+class Bye(Message):
+    """Either side: the sender is closing the connection."""
+
+    reason: str = ""
+
+
+class Error(Message):
+    """Either side: a fatal error; the sender closes the connection after it."""
+
+    message: str
+
+
+class Pickled(msgspec.Struct, tag="__pickled__", array_like=True):
+    """A Python object that is not a declared record, pickled by the server (server -> client
+    only: a server never unpickles anything)."""
+
+    data: bytes
+
+
+_MESSAGES = (Hello, Welcome, Refuse, Records, Flush, Ack, Refused, GetMim, Mim, Notice, Bye, Error)
+_encoder = msgspec.msgpack.Encoder()
+_message_decoder = msgspec.msgpack.Decoder(Union[_MESSAGES])  # type: ignore[valid-type]
+
+
+def encode_frame(message: Message) -> bytearray:
+    """One frame: length prefix and the encoded message."""
+    buf = bytearray(4)
+    _encoder.encode_into(message, buf, 4)
+    _HEADER.pack_into(buf, 0, len(buf) - 4)
+    return buf
+
+
+def encode_record_frames(items: list[Any], max_frame_size: int) -> list[bytearray]:
+    """``Records`` frames holding ``items`` (declared records, bytes or ``Pickled``), split so
+    that no frame exceeds ``max_frame_size``. A single item too large raises
+    ``LocalProtocolError``."""
+    frame = encode_frame(Records(msgspec.Raw(_encoder.encode(items))))
+    if len(frame) - 4 <= max_frame_size:
+        return [frame]
+    if len(items) == 1:
+        raise LocalProtocolError(
+            f"a {type(items[0]).__name__} of {len(frame) - 4} bytes does not fit in a frame "
+            f"(the maximum frame size is {max_frame_size} bytes)"
+        )
+    half = len(items) // 2
+    return encode_record_frames(items[:half], max_frame_size) + encode_record_frames(
+        items[half:], max_frame_size
+    )
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    HELLO = "hello"  # the client has not said hello yet
+    WELCOME = "welcome"  # the server owes the answer: Welcome or Refuse
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Closed(msgspec.Struct):
+    """Event (never on the wire): the peer closed the connection cleanly."""
+
+
+NEED_DATA = "NEED_DATA"  # sentinel returned by ``Protocol.next_event``
+
+# (sender, state, message type) -> next state. Anything not in the table is a protocol error.
+_TRANSITIONS: dict[tuple[Role, State, type], State] = {
+    (Role.CLIENT, State.HELLO, Hello): State.WELCOME,
+    (Role.SERVER, State.HELLO, Error): State.CLOSED,
+    (Role.SERVER, State.WELCOME, Welcome): State.OPEN,
+    (Role.SERVER, State.WELCOME, Refuse): State.CLOSED,
+    (Role.SERVER, State.WELCOME, Error): State.CLOSED,
+    **{(Role.CLIENT, State.OPEN, m): State.OPEN for m in (Records, Flush, GetMim)},
+    **{(Role.SERVER, State.OPEN, m): State.OPEN for m in (Records, Ack, Refused, Mim, Notice)},
+    **{(r, State.OPEN, m): State.CLOSED for r in Role for m in (Bye, Error)},
+}
+
+
+class Protocol:
+    """The sans-IO protocol of one connection, for one side (``role``).
+
+    ``receive_data(bytes)`` feeds what arrived (``b""`` for end of stream); ``next_event()``
+    returns the next message, ``NEED_DATA`` or ``Closed()``, and raises ``RemoteProtocolError``
+    for anything the peer may not send; ``send(message)`` returns the bytes to write, and
+    raises ``LocalProtocolError`` for anything this side may not send now.
+    """
+
+    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.role = role
+        self.peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self.max_frame_size = max_frame_size
+        self.state = State.HELLO
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        # The server must see the magic first; the client sends it with its Hello.
+        self._need_magic = role is Role.SERVER
+
+    # -- receiving --------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        if self._eof:
+            raise RuntimeError("receive_data after end of stream")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Message | Closed | str:
+        buf, pos = self._buf, self._pos
+        available = len(buf) - pos
+        if self._need_magic:
+            if available < len(MAGIC):
+                if self._eof:
+                    raise RemoteProtocolError("connection closed before the client said hello")
+                if bytes(buf[pos : pos + available]) != MAGIC[:available]:
+                    raise RemoteProtocolError(self._not_a_client(bytes(buf[pos:])))
+                return NEED_DATA
+            if bytes(buf[pos : pos + 4]) != MAGIC:
+                raise RemoteProtocolError(self._not_a_client(bytes(buf[pos : pos + 4])))
+            self._need_magic = False
+            pos = self._pos = pos + 4
+            available -= 4
+        if available < 4:
+            if self._eof:
+                if available:
+                    raise RemoteProtocolError("connection closed in the middle of a frame")
+                self.state = State.CLOSED
+                return Closed()
+            return NEED_DATA
+        (size,) = _HEADER.unpack_from(buf, pos)
+        if size > self.max_frame_size:
+            raise RemoteProtocolError(
+                f"frame of {size} bytes exceeds the maximum frame size of {self.max_frame_size}"
+            )
+        if available < 4 + size:
+            if self._eof:
+                raise RemoteProtocolError("connection closed in the middle of a frame")
+            return NEED_DATA
+        with memoryview(buf) as view:
+            body = bytes(view[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+        if pos > 65536 and pos * 2 > len(buf):
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        try:
+            message = _message_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise RemoteProtocolError(f"malformed frame: {exc}") from None
+        self.state = self._transition(self.peer, message, RemoteProtocolError)
+        return message
+
+    def events(self) -> Iterator[Message | Closed]:
+        """Every complete event buffered so far."""
+        while (event := self.next_event()) is not NEED_DATA:
+            yield event  # type: ignore[misc]
+            if isinstance(event, Closed):
+                return
+
+    @staticmethod
+    def _not_a_client(head: bytes) -> str:
+        if head[:1] == b"\x16":
+            return "a TLS handshake arrived, but this server does not use TLS"
+        return f"not an mzconnector client (first bytes {head!r})"
+
+    # -- sending ----------------------------------------------------------------------------
+    def send(self, message: Message) -> bytearray:
+        next_state = self._transition(self.role, message, LocalProtocolError)
+        frame = encode_frame(message)
+        if len(frame) - 4 > self.max_frame_size:
+            raise LocalProtocolError(
+                f"a frame of {len(frame) - 4} bytes exceeds the maximum of {self.max_frame_size}"
+            )
+        self.state = next_state
+        if isinstance(message, Hello):
+            return bytearray(MAGIC) + frame
+        return frame
+
+    def _transition(self, sender: Role, message: Message, error: type[ProtocolError]) -> State:
+        next_state = _TRANSITIONS.get((sender, self.state, type(message)))
+        if next_state is None:
+            raise error(
+                f"{sender.value} may not send {type(message).__name__} while the connection "
+                f"is in state {self.state.value}"
+            )
+        return next_state
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Records: schema -> record classes, and their codec
+# ---------------------------------------------------------------------------------------------
+#
+# A schema maps a record type name to its fields, field name -> type string. Type strings:
+# int, float, str, bool, bytes, datetime, list[T], dict[str, T], T | None, and other record
+# type names (nesting). Record classes are msgspec Structs, tagged with their type name and
+# encoded as arrays, so one typed ``Decoder`` validates a whole batch of mixed types.
+
+_SCALARS: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "bytes": bytes,
+    "datetime": datetime.datetime,
+}
+_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|(\[|\]|,|\|))")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _tokenize(text: str) -> list[str]:
+    tokens, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise SchemaError(f"cannot read type {text!r} at {text[pos:]!r}")
+        tokens.append(m.group(1) or m.group(2))
+        pos = m.end()
+    return tokens
+
+
+def parse_type(text: str, records: Mapping[str, Any]) -> Any:
+    """The Python type a type string stands for (``records``: record name -> class)."""
+    tokens = _tokenize(text)
+    pos = 0
+
+    def expect(tok: str) -> None:
+        nonlocal pos
+        if pos >= len(tokens) or tokens[pos] != tok:
+            found = tokens[pos] if pos < len(tokens) else "the end"
+            raise SchemaError(f"in type {text!r}: expected {tok!r}, found {found!r}")
+        pos += 1
+
+    def union() -> Any:
+        nonlocal pos
+        parts = [atom()]
+        while pos < len(tokens) and tokens[pos] == "|":
+            pos += 1
+            parts.append(atom())
+        if len(parts) == 1:
+            return parts[0]
+        non_none = [p for p in parts if p is not type(None)]
+        if len(parts) != 2 or len(non_none) != 1:
+            raise SchemaError(f"in type {text!r}: only 'T | None' unions are supported")
+        return Optional[non_none[0]]
+
+    def atom() -> Any:
+        nonlocal pos
+        if pos >= len(tokens) or not _IDENT.match(tokens[pos]):
+            raise SchemaError(f"in type {text!r}: expected a type name")
+        name = tokens[pos]
+        pos += 1
+        if name == "None":
+            return type(None)
+        if name == "list":
+            expect("[")
+            item = union()
+            expect("]")
+            return list[item]  # type: ignore[valid-type]
+        if name == "dict":
+            expect("[")
+            key = union()
+            if key is not str:
+                raise SchemaError(f"in type {text!r}: dictionary keys must be str")
+            expect(",")
+            value = union()
+            expect("]")
+            return dict[str, value]  # type: ignore[valid-type]
+        if name in _SCALARS:
+            return _SCALARS[name]
+        if name in records:
+            return records[name]
+        raise SchemaError(f"unknown type {name!r} in {text!r}")
+
+    result = union()
+    if pos != len(tokens):
+        raise SchemaError(f"in type {text!r}: unexpected {tokens[pos]!r}")
+    return result
+
+
+def _references(text: str) -> set[str]:
+    names = set(_tokenize(text)) - {"[", "]", ",", "|", "list", "dict", "None"}
+    return names - set(_SCALARS)
+
+
+def build_record_types(
+    schema: Mapping[str, Mapping[str, str]], *, module: str = "mzconnector.udrs"
+) -> dict[str, type[msgspec.Struct]]:
+    """Record classes for ``schema`` (type name -> field name -> type string), in its order.
+
+    Fields typed ``T | None`` default to None; all others are required. Records are built with
+    keyword arguments, compare by value, and are validated whenever they are decoded.
+    Raises ``SchemaError`` naming the type and field for anything that cannot be built.
+    """
+    for name, fields in schema.items():
+        if not _IDENT.match(name) or keyword.iskeyword(name) or name in _SCALARS or name in (
+            "list",
+            "dict",
+            "None",
+            "bytes",
+        ):
+            raise SchemaError(f"{name!r} cannot be a record type name")
+        for field in fields:
+            if not _IDENT.match(field) or keyword.iskeyword(field) or field.startswith("_"):
+                raise SchemaError(f"{name}.{field}: not a valid field name")
+    # Build nested types first; a cycle cannot be expressed as a tree of records.
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(name) :], name])
+            raise SchemaError(f"record types refer to each other in a cycle: {cycle}")
+        visiting.append(name)
+        for field, text in schema[name].items():
+            for ref in _references(text):
+                if ref in schema:
+                    visit(ref)
+                else:
+                    raise SchemaError(f"{name}.{field}: unknown type {ref!r} in {text!r}")
+        visiting.pop()
+        order.append(name)
+
+    for name in schema:
+        visit(name)
+    classes: dict[str, type[msgspec.Struct]] = {}
+    for name in order:
+        fields = []
+        for field, text in schema[name].items():
+            try:
+                kind = parse_type(text, classes)
+            except SchemaError as exc:
+                raise SchemaError(f"{name}.{field}: {exc}") from None
+            is_optional = typing.get_origin(kind) is Union and type(None) in typing.get_args(kind)
+            fields.append((field, kind, None) if is_optional else (field, kind))
+        cls = msgspec.defstruct(
+            name,
+            fields,
+            tag=name,
+            array_like=True,
+            kw_only=True,
+            forbid_unknown_fields=True,
+            module=module,
+            # Records never reference themselves; skipping GC tracking makes decoding
+            # millions of them markedly cheaper.
+            gc=False,
+        )
+        cls.__doc__ = f"Record type {name}: " + ", ".join(
+            f"{f}: {t}" for f, t in schema[name].items()
+        )
+        cls._repr_html_ = _record_html  # type: ignore[attr-defined]
+        classes[name] = cls
+    return {name: classes[name] for name in schema}
+
+
+class RecordCodec:
+    """Encodes and decodes batches of records for one schema."""
+
+    def __init__(self, schema: Mapping[str, Mapping[str, str]]) -> None:
+        self.schema = {name: dict(fields) for name, fields in schema.items()}
+        self.types = build_record_types(self.schema)
+        self.by_class: dict[type, str] = {cls: name for name, cls in self.types.items()}
+
+    def decoder(self, names: Iterable[str], *, pickled: bool = False) -> msgspec.msgpack.Decoder:
+        """A decoder of a batch (a list) of records of the named types; ``"bytes"`` admits
+        raw bytes, ``pickled`` admits ``Pickled`` objects."""
+        kinds: list[Any] = [bytes if n == "bytes" else self.types[n] for n in names]
+        if pickled:
+            kinds.append(Pickled)
+        if not kinds:
+            raise ValueError("a record decoder needs at least one type")
+        return msgspec.msgpack.Decoder(list[Union[tuple(kinds)]])  # type: ignore[misc]
+
+    def explain(self, raw: msgspec.Raw | bytes, accepted: Iterable[str]) -> tuple[str, str | None, str]:
+        """Why one encoded record is not acceptable: (type name, field name or None, problem)."""
+        accepted = set(accepted)
+        try:
+            value = msgspec.msgpack.decode(raw)
+        except msgspec.DecodeError as exc:
+            return ("?", None, f"malformed record: {exc}")
+        if isinstance(value, bytes):
+            return ("bytes", None, "bytes are not accepted by this connector")
+        if not isinstance(value, list) or not value or not isinstance(value[0], str):
+            return ("?", None, f"not a record: {type(value).__name__}")
+        name, values = value[0], value[1:]
+        if name not in self.types:
+            return (name, None, f"unknown record type {name!r}")
+        if name not in accepted:
+            return (name, None, f"records of type {name!r} are not accepted by this connector")
+        fields = msgspec.structs.fields(self.types[name])
+        for i, field in enumerate(fields):
+            if i >= len(values):
+                if field.required:
+                    return (name, field.name, "missing")
+                continue
+            try:
+                msgspec.convert(values[i], field.type, strict=True)
+            except msgspec.ValidationError as exc:
+                return (name, field.name, str(exc))
+        if len(values) > len(fields):
+            return (name, None, f"{len(values)} fields given, {len(fields)} declared")
+        return (name, None, "does not match its declared type")
+
+
+def _record_html(self: msgspec.Struct) -> str:
+    from html import escape
+
+    cells = "".join(
+        f"<tr><th style='text-align:left'>{escape(f)}</th><td style='text-align:left'>"
+        f"{escape(repr(getattr(self, f)))}</td></tr>"
+        for f in self.__struct_fields__
+    )
+    return f"<table><caption>{escape(type(self).__name__)}</caption>{cells}</table>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. API modules
+# ---------------------------------------------------------------------------------------------
+
+#: Names the connector provides to every API module, bound to the connection it came with.
+API_PROVIDED = ("connection", "submit", "submit_many", "flush", "receive", "udrs", "mim")
+
+
+def api_exports(module: types.ModuleType) -> list[str]:
+    """What an API module exposes: its ``__all__``, or else every public name it defines
+    (not modules it imports, not the names the connector provides to it)."""
+    exported = getattr(module, "__all__", None)
+    if exported is not None:
+        missing = [n for n in exported if not hasattr(module, n)]
+        if missing:
+            raise MZConnectorError(
+                f"API module {module.__name__!r} lists {missing} in __all__ but does not define them"
+            )
+        return list(exported)
+    return [
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and name not in API_PROVIDED
+        and not isinstance(value, types.ModuleType)
+    ]
+
+
+class Namespace:
+    """Attribute access to a fixed set of names, with tab completion."""
+
+    def __init__(self, title: str, members: Mapping[str, Any]) -> None:
+        self._title = title
+        self._members = dict(members)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_members"][name]
+        except KeyError:
+            raise AttributeError(
+                f"{self.__dict__.get('_title', 'namespace')} has no {name!r}; "
+                f"it has: {', '.join(self.__dict__.get('_members', ())) or 'nothing'}"
+            ) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._members[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._members)
+
+    def __repr__(self) -> str:
+        return f"<{self._title}: {', '.join(self._members)}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Transports
+# ---------------------------------------------------------------------------------------------
+
+
+class _Transport:
+    """A byte stream that one thread may read while another writes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, data: bytes | bytearray) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes:
+        """Some bytes; ``b""`` at end of stream. Raises ``socket.timeout`` when idle."""
+        return self.sock.recv(1 << 18)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class _TLSTransport(_Transport):
+    """TLS over ``ssl.MemoryBIO``: the TLS state is touched only under a lock, so one thread
+    can read while another writes (an ``SSLSocket`` does not allow that safely)."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> None:
+        super().__init__(sock)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump_out()
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection during TLS") from None
+                self._in.write(data)
+        self._pump_out()
+
+    def _pump_out(self) -> None:
+        data = self._out.read()
+        if data:
+            self.sock.sendall(data)
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        return self._tls.getpeercert()
+
+    def send(self, data: bytes | bytearray) -> None:
+        with self._send_lock:
+            with self._lock:
+                self._tls.write(data)
+                out = self._out.read()
+            self.sock.sendall(out)
+
+    def recv(self) -> bytes:
+        while True:
+            with self._lock:
+                try:
+                    return self._tls.read(1 << 18)
+                except ssl.SSLWantReadError:
+                    pending = self._out.pending
+                except ssl.SSLZeroReturnError:
+                    return b""
+            if pending:  # e.g. a key update: send it in order with what send() writes
+                with self._send_lock, self._lock:
+                    self.sock.sendall(self._out.read())
+            data = self.sock.recv(1 << 18)
+            with self._lock:
+                if data:
+                    self._in.write(data)
+                else:
+                    self._in.write_eof()
+
+
+def _tls_context(
+    tls: bool | ssl.SSLContext, cafile: str | None, certfile: str | None, keyfile: str | None
+) -> ssl.SSLContext:
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    context = ssl.create_default_context(cafile=cafile)
+    if certfile:
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"cannot load the client certificate {certfile!r}: {exc}") from exc
+    return context
+
+
+def _describe_tls_error(exc: ssl.SSLError, host: str) -> str:
+    text = str(exc)
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+        return f"TLS handshake failed: the server at {host} does not seem to speak TLS ({exc})"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"TLS handshake failed: the server's certificate cannot be verified ({exc.args[-1]})"
+    if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
+        return f"TLS handshake failed: the server requires a client certificate it trusts ({exc})"
+    if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
+        return f"TLS handshake failed: the server does not trust the client certificate ({exc})"
+    return f"TLS handshake failed: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Connection: the blocking client
+# ---------------------------------------------------------------------------------------------
+
+
+class MimValues(dict):  # type: ignore[type-arg]
+    """MIM values, name -> value: a dict that shows as a table in Jupyter."""
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{escape(str(k))}</th>"
+            f"<td style='text-align:left'>{escape(repr(v))}</td></tr>"
+            for k, v in self.items()
+        )
+        return f"<table><thead><tr><th>MIM</th><th>value</th></tr></thead>{rows}</table>"
+
+
+class Connection:
+    """A connection to a connector server. Make one with ``connect()``; use it in a ``with``.
+
+    Records you ``submit`` are buffered and sent in batches (when ``batch_size`` records
+    are waiting, after ``linger`` seconds, or at once on ``flush``/``receive``/``mim``).
+    Records the workflow sends back are read in the background and buffered (at most
+    ``max_buffered``; beyond that the server holds them back) until you ``receive`` them.
+    """
+
+    def __init__(
+        self,
+        transport: _Transport,
+        protocol: Protocol,
+        welcome: Welcome,
+        *,
+        timeout: float,
+        batch_size: int,
+        linger: float,
+        max_buffered: int,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.connection_id = welcome.connection_id
+        self.workflow = welcome.workflow
+        self.timeout = timeout
+        self._batch_size = batch_size
+        self._batch_bytes = min(1 << 20, welcome.max_frame_size // 4)
+        self._linger = linger
+        self._max_buffered = max_buffered
+        self._codec = RecordCodec(welcome.schema)
+        self.accepted = tuple(welcome.accepted)
+        self._accepted_classes = frozenset(
+            [bytes, bytearray, memoryview] if "bytes" in welcome.accepted else []
+        ) | {self._codec.types[n] for n in welcome.accepted if n != "bytes"}
+        self._decoder = self._codec.decoder([*welcome.schema, "bytes"], pickled=True)
+        self.udrs = Namespace("record types", self._codec.types)
+
+        # Send side (guarded by _send_lock).
+        self._send_lock = threading.Lock()
+        self._buf: list[Any] = []
+        self._buf_bytes = 0
+        self._sent = 0
+        self._unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self._has_pending = threading.Event()
+
+        # Receive side (guarded by _cond); written by the reader thread.
+        self._cond = threading.Condition()
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._acked = 0
+        self._errors: list[RecordError] = []
+        self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
+        self._mim_waiting = 0
+        self._closed: str | None = None
+        self.dropped = 0
+
+        self.api = Namespace("API", {})
+        self.api_modules: dict[str, types.ModuleType] = {}
+        self._load_api(welcome.api)
+
+        self._reader = threading.Thread(target=self._read_loop, name="mzconnector-reader", daemon=True)
+        self._flusher = threading.Thread(target=self._linger_loop, name="mzconnector-linger", daemon=True)
+        self._reader.start()
+        self._flusher.start()
+
+    # -- context manager and state ----------------------------------------------------------
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed}" if self._closed else "open"
+        return f"<mzconnector.Connection #{self.connection_id} to workflow {self.workflow!r} ({state})>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def _check(self) -> None:
+        """Raise what the server told us since the last call."""
+        if self._errors:
+            with self._cond:
+                errors, self._errors = self._errors, []
+            raise RecordRefused(errors)
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed, self._unacknowledged())
+
+    def _unacknowledged(self) -> list[Any]:
+        with self._send_lock:
+            pending = [r for _, batch in self._unacked for r in batch] + self._buf
+        return pending
+
+    # -- submitting -------------------------------------------------------------------------
+    def submit(self, record: Any) -> None:
+        """Queue one record (or bytes) for the connector; it is sent in a batch shortly.
+        Raises ``NotAccepted`` (nothing is sent) for a type the connector does not accept."""
+        if type(record) not in self._accepted_classes:
+            raise self._not_accepted(record)
+        if self._errors or self._closed is not None:
+            self._check()
+        with self._send_lock:
+            buf = self._buf
+            buf.append(record)
+            if type(record) is not bytes or not self._add_bytes(len(record)):
+                if len(buf) == 1:
+                    self._has_pending.set()
+                elif len(buf) >= self._batch_size:
+                    self._send_buffer()
+
+    def submit_many(self, records: Iterable[Any], *, progress: bool = False) -> int:
+        """Queue many records; returns how many. ``progress=True`` shows a tqdm bar."""
+        accepted = self._accepted_classes
+        count = 0
+        iterator: Iterable[Any] = records
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")
+        try:
+            for chunk in _chunks(iterator, self._batch_size):
+                for record in chunk:
+                    if type(record) not in accepted:
+                        raise self._not_accepted(record)
+                self._check()
+                with self._send_lock:
+                    for record in chunk:
+                        self._buf.append(record)
+                        if type(record) is not bytes or not self._add_bytes(len(record)):
+                            if len(self._buf) >= self._batch_size:
+                                self._send_buffer()
+                    if self._buf:
+                        self._has_pending.set()
+                count += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return count
+
+    def _add_bytes(self, size: int) -> bool:
+        """Account for a bytes payload; sends the buffer when it is large. Holds _send_lock."""
+        self._buf_bytes += size
+        if self._buf_bytes >= self._batch_bytes:
+            self._send_buffer()
+            return True
+        return False
+
+    def _not_accepted(self, record: Any) -> NotAccepted:
+        name = self._codec.by_class.get(type(record), type(record).__name__)
+        accepted = ", ".join(self.accepted) or "nothing"
+        hint = ""
+        if isinstance(record, msgspec.Struct) and type(record) not in self._codec.by_class:
+            hint = " (build records with conn.udrs.<Type>(...))"
+        return NotAccepted(
+            f"the connector does not accept {name!r}; it accepts: {accepted}{hint}. Nothing was sent."
+        )
+
+    def _send_buffer(self) -> None:
+        """Send what ``submit`` buffered. Holds _send_lock."""
+        records = self._buf
+        if not records:
+            return
+        self._buf = []
+        self._buf_bytes = 0
+        self._has_pending.clear()
+        try:
+            frames = encode_record_frames(records, self._protocol.max_frame_size)
+        except LocalProtocolError:
+            records, frames = self._drop_oversized(records)
+        try:
+            for frame in frames:
+                self._transport.send(frame)
+        except OSError as exc:
+            self._sent += len(records)
+            self._unacked.append((self._sent, records))
+            self._mark_closed(f"lost the connection while sending: {exc}")
+            raise ConnectionClosed(self._closed or "", self._unacknowledged_locked()) from exc
+        self._sent += len(records)
+        self._unacked.append((self._sent, records))
+
+    def _drop_oversized(self, records: list[Any]) -> tuple[list[Any], list[bytearray]]:
+        """Take records too large for any frame out of a batch; report them as refused."""
+        limit = self._protocol.max_frame_size - 64
+        kept = []
+        with self._cond:
+            for i, record in enumerate(records):
+                size = len(_encoder.encode(record))
+                if size <= limit:
+                    kept.append(record)
+                    continue
+                name = self._codec.by_class.get(type(record), type(record).__name__)
+                self._errors.append(RecordError(
+                    self._sent + i, name, None,
+                    f"{size} bytes encoded; the server takes at most {limit} bytes per record",
+                ))
+        frames = encode_record_frames(kept, self._protocol.max_frame_size) if kept else []
+        return kept, frames
+
+    def _unacknowledged_locked(self) -> list[Any]:
+        return [r for _, batch in self._unacked for r in batch] + self._buf
+
+    def _send_message(self, message: Message) -> None:
+        with self._send_lock:
+            self._send_buffer()
+            try:
+                self._transport.send(self._protocol.send(message))
+            except OSError as exc:
+                self._mark_closed(f"lost the connection while sending: {exc}")
+                raise ConnectionClosed(self._closed or "", self._unacknowledged_locked()) from exc
+
+    def _linger_loop(self) -> None:
+        """Send a partly filled batch ``linger`` seconds after its first record."""
+        while self._closed is None:
+            self._has_pending.wait()
+            if self._closed is not None:
+                return
+            time.sleep(self._linger)
+            with self._send_lock:
+                if self._closed is None and self._buf:
+                    try:
+                        self._send_buffer()
+                    except ConnectionClosed:
+                        return
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything submitted and return once the server has taken all of it (handed
+        each record to its route). Raises ``RecordRefused`` if it refused any."""
+        self._check()
+        with self._send_lock:
+            target = self._sent + len(self._buf)
+        self._send_message(Flush())
+        self._wait(lambda: self._acked >= target or bool(self._errors), timeout, "flush")
+        self._check()
+
+    # -- receiving --------------------------------------------------------------------------
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next record the workflow sent to this client. Sends buffered submits first.
+        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``."""
+        if not self._inbox:
+            if self._buf:
+                with self._send_lock:
+                    self._send_buffer()
+            self._wait(lambda: bool(self._inbox), timeout, "receive", closing_ok=False)
+        with self._cond:
+            record = self._inbox.popleft()
+            if len(self._inbox) + 1 >= self._max_buffered:
+                self._cond.notify_all()
+        return record
+
+    def receive_many(self, max_records: int | None = None, timeout: float | None = 0.0) -> list[Any]:
+        """Every record already received (at most ``max_records``); if there is none, waits
+        up to ``timeout`` for the first. Returns an empty list on timeout."""
+        if self._buf:
+            with self._send_lock:
+                self._send_buffer()
+        if not self._inbox:
+            try:
+                self._wait(lambda: bool(self._inbox), timeout, "receive", closing_ok=False)
+            except Timeout:
+                return []
+        with self._cond:
+            inbox = self._inbox
+            if max_records is None or max_records >= len(inbox):
+                out = list(inbox)
+                inbox.clear()
+            else:
+                out = [inbox.popleft() for _ in range(max_records)]
+            self._cond.notify_all()
+        return out
+
+    def records(self, timeout: float | None = None) -> Iterator[Any]:
+        """Iterate over records as they arrive; ends when none arrives within ``timeout``
+        (never, if None) or when the connection closes."""
+        while True:
+            try:
+                yield self.receive(timeout)
+            except (Timeout, ConnectionClosed):
+                return
+
+    def mim(self, timeout: float | None = None) -> MimValues:
+        """The workflow's MIM values now: built-in counters and assigned values."""
+        self._check()
+        with self._cond:
+            self._mim_waiting += 1
+        try:
+            self._send_message(GetMim())
+            self._wait(lambda: bool(self._mim_replies), timeout, "mim")
+            with self._cond:
+                return MimValues(self._mim_replies.popleft())
+        finally:
+            with self._cond:
+                self._mim_waiting -= 1
+
+    def _wait(
+        self, ready: Callable[[], bool], timeout: float | None, what: str, *, closing_ok: bool = False
+    ) -> None:
+        if timeout is None and what != "receive":
+            timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not ready():
+                if self._closed is not None:
+                    if self._errors:
+                        break
+                    raise ConnectionClosed(self._closed, self._unacknowledged())
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Timeout(f"{what}: no answer from the server within {timeout} s")
+                self._cond.wait(remaining)
+
+    # -- the reader thread ------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        protocol = self._protocol
+        try:
+            while self._closed is None:
+                try:
+                    data = self._transport.recv()
+                except TimeoutError:
+                    continue
+                protocol.receive_data(data)
+                for event in protocol.events():
+                    if self._on_event(event):
+                        return
+        except ProtocolError as exc:
+            self._mark_closed(f"protocol error: {exc}")
+        except (OSError, ValueError) as exc:
+            self._mark_closed(f"connection lost: {exc}")
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            self._mark_closed(f"reader failed: {exc!r}")
+            raise
+
+    def _on_event(self, event: Any) -> bool:
+        """Handle one event; True when the connection is over."""
+        if isinstance(event, Records):
+            items = self._decoder.decode(event.items)
+            for i, item in enumerate(items):
+                if type(item) is Pickled:
+                    items[i] = pickle.loads(item.data)
+            with self._cond:
+                while len(self._inbox) >= self._max_buffered and self._closed is None:
+                    self._cond.wait()
+                self._inbox.extend(items)
+                self._cond.notify_all()
+        elif isinstance(event, Ack):
+            with self._send_lock:
+                while self._unacked and self._unacked[0][0] <= event.taken:
+                    self._unacked.popleft()
+            with self._cond:
+                self._acked = event.taken
+                self._cond.notify_all()
+        elif isinstance(event, Refused):
+            with self._cond:
+                self._errors.extend(event.errors)
+                self._cond.notify_all()
+        elif isinstance(event, Mim):
+            with self._cond:
+                self._mim_replies.append(event.values)
+                self._cond.notify_all()
+        elif isinstance(event, Notice):
+            self.dropped += event.dropped
+            warnings.warn(f"mzconnector: {event.message}", RuntimeWarning, stacklevel=1)
+        elif isinstance(event, Bye):
+            self._mark_closed(f"the server closed the connection: {event.reason or 'bye'}")
+            return True
+        elif isinstance(event, Error):
+            self._mark_closed(f"the server reported an error: {event.message}")
+            return True
+        elif isinstance(event, Closed):
+            self._mark_closed("the server closed the connection")
+            return True
+        return False
+
+    def _mark_closed(self, reason: str) -> None:
+        with self._cond:
+            if self._closed is None:
+                self._closed = reason
+            self._cond.notify_all()
+        self._has_pending.set()  # wake the linger thread so it ends
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is buffered, say goodbye and close. Safe to call twice."""
+        if self._closed is None:
+            try:
+                self._send_message(Bye("client closed"))
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed is not None, timeout or self.timeout)
+            except ConnectionClosed:
+                pass
+        self._mark_closed("closed by the client")
+        self._transport.close()
+
+    # -- API modules ------------------------------------------------------------------------
+    def _load_api(self, modules: list[ApiModule]) -> None:
+        provided = {
+            "connection": self,
+            "submit": self.submit,
+            "submit_many": self.submit_many,
+            "flush": self.flush,
+            "receive": self.receive,
+            "udrs": self.udrs,
+            "mim": self.mim,
+        }
+        members: dict[str, Any] = {}
+        for spec in modules:
+            module = types.ModuleType(spec.name, None)
+            filename = f"<mzconnector api {spec.name}>"
+            module.__file__ = filename
+            vars(module).update(provided)
+            # Register the source so tracebacks, inspect and help() can show it.
+            lines = spec.source.splitlines(keepends=True)
+            linecache.cache[filename] = (len(spec.source), None, lines, filename)
+            exec(compile(spec.source, filename, "exec"), vars(module))  # noqa: S102 - server-shipped code
+            for name in api_exports(module):
+                members[name] = getattr(module, name)
+            self.api_modules[spec.name] = module
+        self.api = Namespace("API", members)
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def connect(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    timeout: float = 10.0,
+    name: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    tls: bool | ssl.SSLContext = False,
+    cafile: str | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    batch_size: int = 8192,
+    linger: float = 0.005,
+    max_buffered: int = 1_000_000,
+) -> Connection:
+    """Connect to a connector server and return the open ``Connection``.
+
+    ``timeout`` bounds the connect and handshake, and is the default for ``flush`` and ``mim``.
+    ``name`` and ``metadata`` are shown to the workflow. ``tls=True`` (or an ``SSLContext``)
+    connects over TLS, verifying the server against ``cafile`` (or the system store);
+    ``certfile``/``keyfile`` present a client certificate.
+    """
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        raise ConnectError(f"cannot connect to {where}: no answer within {timeout} s") from None
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
+        ) from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        transport: _Transport
+        if tls:
+            context = _tls_context(tls, cafile, certfile, keyfile)
+            try:
+                transport = _TLSTransport(sock, context, host)
+            except ssl.SSLError as exc:
+                raise ConnectError(_describe_tls_error(exc, where)) from exc
+        else:
+            transport = _Transport(sock)
+        protocol = Protocol(Role.CLIENT)
+        hello = Hello(
+            PROTOCOL_VERSION,
+            name=name,
+            metadata=dict(metadata or {}),
+            client=f"mzconnector {__version__} (Python {sys.version.split()[0]})",
+        )
+        transport.send(protocol.send(hello))
+        welcome = _await_welcome(transport, protocol, where, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(timeout)
+    return Connection(
+        transport,
+        protocol,
+        welcome,
+        timeout=timeout,
+        batch_size=batch_size,
+        linger=linger,
+        max_buffered=max_buffered,
+    )
+
+
+def _await_welcome(transport: _Transport, protocol: Protocol, where: str, timeout: float) -> Welcome:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            event = protocol.next_event()
+        except RemoteProtocolError as exc:
+            raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
+        if event is NEED_DATA:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectError(f"no answer from {where} within {timeout} s")
+            transport.sock.settimeout(remaining)
+            try:
+                data = transport.recv()
+            except TimeoutError:
+                raise ConnectError(
+                    f"no answer from {where} within {timeout} s (is it a TLS server? try tls=True)"
+                ) from None
+            except ssl.SSLError as exc:
+                raise ConnectError(_describe_tls_error(exc, where)) from exc
+            except OSError as exc:
+                raise ConnectError(f"lost the connection to {where} during the handshake: {exc}") from exc
+            protocol.receive_data(data)
+            continue
+        if isinstance(event, Welcome):
+            if event.protocol != PROTOCOL_VERSION:
+                raise ConnectError(
+                    f"{where} speaks protocol {event.protocol}; this client speaks {PROTOCOL_VERSION}"
+                )
+            return event
+        if isinstance(event, Refuse):
+            if event.code == "rejected":
+                raise ConnectionRejected(event.reason)
+            raise ConnectionRefused(f"{where} refused the connection: {event.reason}")
+        if isinstance(event, Error):
+            raise ConnectError(f"{where} reported an error: {event.message}")
+        if isinstance(event, Closed):
+            raise ConnectError(
+                f"{where} closed the connection during the handshake "
+                "(is it a TLS server? then connect with tls=True)"
+            )
+        raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")

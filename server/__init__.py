@@ -1,0 +1,29 @@
+"""The connector server: a workflow with an embedded TCP connector for mzconnector clients.
+
+Public API::
+
+    from server import load_config, serve
+    config = load_config("workflow.toml")          # or Config.from_dict({...})
+    async with trio.open_nursery() as nursery:
+        srv = await nursery.start(serve, config)   # srv.port, srv.statistics(), srv.stop()
+"""
+
+from .app import Server, serve
+from .config import Config, Processor, load_config
+from .errors import BindError, ConfigError, RouteError, ServerError
+from .routes import ConnectionInfo
+from .workflow import ProcessorContext
+
+__all__ = [
+    "BindError",
+    "Config",
+    "ConfigError",
+    "ConnectionInfo",
+    "Processor",
+    "ProcessorContext",
+    "RouteError",
+    "Server",
+    "ServerError",
+    "load_config",
+    "serve",
+]

@@ -1,0 +1,100 @@
+"""``python -m server [workflow.toml] [--port N]``: run a workflow server until Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+
+import trio
+
+from .app import serve
+from .config import Config, load_config
+from .errors import ServerError
+
+DEFAULT_WORKFLOW = "echo.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mzserver", description="Run a workflow with its mzconnector connector."
+    )
+    parser.add_argument(
+        "config", nargs="?", help="workflow TOML file (default: the built-in echo workflow)"
+    )
+    parser.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
+    parser.add_argument("--host", help='address to bind ("" = all interfaces)')
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.config:
+            config = load_config(args.config)
+        else:
+            with resources.as_file(resources.files("server.default") / DEFAULT_WORKFLOW) as path:
+                config = load_config(Path(path))
+        changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+        if changes:
+            config = config.replace_connector(**changes)
+        trio.run(_run, config)
+    except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
+        return 130
+    except BaseException as exc:
+        error = _find(exc, ServerError)
+        if error is None:
+            raise
+        print(f"mzserver: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _run(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, config)
+            print(
+                f"mzserver: workflow {config.workflow!r} listening on {server.host}:{server.port}",
+                flush=True,
+            )
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    if not server._stop.is_set():
+                        logging.getLogger("mzserver").info(
+                            "%s: stopping gracefully (again to stop at once)", signal.Signals(signum).name
+                        )
+                        server.stop()
+                    else:
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signals)
+            await server.wait_stopped()
+            nursery.cancel_scope.cancel()
+
+
+def _find(exc: BaseException, kind: type[ServerError]) -> ServerError | None:
+    """The first ``kind`` in an exception (group)."""
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find(inner, kind)
+        if found is not None:
+            return found
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""``serve(config)``: the connector and the workflow in one nursery, embeddable in any trio
+program::
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve, config)
+        print(server.port)
+        ...
+        server.stop()             # graceful: stop taking, finish, say goodbye
+        await server.wait_stopped()
+
+A graceful stop stops accepting and reading, lets the workflow finish every record taken,
+delivers what it routes back, tells every client the server is going away, and returns. What
+is not done within ``shutdown_timeout`` is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from .config import Config
+from .connector import Connector
+from .mim import AssignedMims, MimTable
+from .routes import RouteTable
+from .workflow import Workflow
+
+log = logging.getLogger("mzserver")
+
+
+class Server:
+    """A running server: where it listens, its MIM values, and ``stop()``."""
+
+    def __init__(self, config: Config, connector: Connector, mim: MimTable, addresses: list[Any]) -> None:
+        self.config = config
+        self.mim = mim
+        self._connector = connector
+        self.addresses = addresses
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+
+    @property
+    def host(self) -> str:
+        return str(self.addresses[0][0])
+
+    @property
+    def port(self) -> int:
+        return int(self.addresses[0][1])
+
+    def statistics(self) -> dict[str, Any]:
+        """The MIM values now (a snapshot)."""
+        return self.mim.snapshot()
+
+    def stop(self) -> None:
+        """Ask for a graceful stop; ``serve`` returns when it is done."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the connector and workflow of ``config`` until ``Server.stop()`` (graceful) or
+    cancellation (immediate). Reports the ``Server`` through ``task_status``."""
+    routes = RouteTable()
+    mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
+    workflow = Workflow(config, routes, mim)
+    connector = Connector(config, routes, mim)
+    listeners = await connector.open_listeners()
+    server = Server(config, connector, mim, [lst.socket.getsockname() for lst in listeners])
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workflow.run, name="workflow")
+            await nursery.start(connector.serve, listeners)
+            log.info("workflow %r listening on %s:%d", config.workflow, server.host, server.port)
+            task_status.started(server)
+            await server._stop.wait()
+            await _graceful_stop(config, connector, routes)
+            nursery.cancel_scope.cancel()
+    finally:
+        server._stopped.set()
+
+
+async def _graceful_stop(config: Config, connector: Connector, routes: RouteTable) -> None:
+    timeout = config.connector.shutdown_timeout
+    log.info("stopping: no new connections; finishing what was taken (at most %s s)", timeout)
+    with trio.move_on_after(timeout) as scope:
+        connector.stop_accepting()
+        connector.stop_reading()
+        await connector.wait_readers_stopped()
+        await routes.in_flight.wait_idle()
+        connector.drained.set()
+        await connector.wait_closed()
+    if scope.cancelled_caught:
+        log.warning("graceful stop did not finish within %s s; closing what is left", timeout)
+        connector.abort()
+    log.info("stopped")

@@ -1,0 +1,533 @@
+"""The connector: listens, admits clients, takes their records onto routes, and delivers what
+the workflow routes back.
+
+One ``ServerConnection`` per client runs two tasks in its own nursery: a reader (frames ->
+protocol events -> typed batches -> routes) and a writer (its bounded outbox -> the socket).
+Each connection is an error boundary: whatever goes wrong with one is logged and closes that
+one; the server goes on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import itertools
+import logging
+import math
+import ssl
+from typing import Any, Union
+
+import cloudpickle
+import msgspec
+import trio
+
+from mzconnector import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Closed,
+    Error,
+    Flush,
+    GetMim,
+    Hello,
+    Message,
+    Mim,
+    Notice,
+    Pickled,
+    Protocol,
+    Records,
+    Refuse,
+    Refused,
+    RecordError,
+    RemoteProtocolError,
+    Role,
+    Welcome,
+    encode_record_frames,
+)
+
+from .config import Config
+from .errors import BindError
+from .mim import MimTable
+from .routes import Batch, ConnectionInfo, RouteTable
+
+log = logging.getLogger("mzserver.connector")
+
+#: Records taken between unsolicited acknowledgements (bounds what a client keeps for replay).
+ACK_EVERY = 65536
+RECEIVE_SIZE = 1 << 18
+#: The writer joins queued frames into one write up to this size.
+COALESCE_BYTES = 1 << 20
+_raw_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+class Connector:
+    """The connector agent: listener, connections, and the consumer of the input routes."""
+
+    def __init__(self, config: Config, routes: RouteTable, mim: MimTable) -> None:
+        self.config = config
+        self.settings = settings = config.connector
+        self.routes = routes
+        self.mim = mim
+        codec = config.codec
+        accepted = settings.accepted_types
+        self.accepted = tuple(accepted)
+        kinds = [bytes if n == "bytes" else codec.types[n] for n in accepted]
+        self.batch_decoder = msgspec.msgpack.Decoder(list[Union[tuple(kinds)]]) if kinds else None
+        self.item_decoder = msgspec.msgpack.Decoder(Union[tuple(kinds)]) if kinds else None
+        self.type_routes: dict[type, str] = {
+            (bytes if name == "bytes" else codec.types[name]): route
+            for name, route in settings.output_routes.items()
+        }
+        distinct = set(self.type_routes.values())
+        self.single_route = distinct.pop() if len(distinct) == 1 else None
+        self.wire_types = frozenset([*codec.types.values(), bytes])
+        self.welcome = functools.partial(
+            Welcome,
+            protocol=PROTOCOL_VERSION,
+            workflow=config.workflow,
+            schema=config.schema,
+            accepted=list(accepted),
+            api=list(config.api_modules),
+            max_frame_size=settings.max_frame_size,
+            server="mzserver",
+        )
+        if not settings.allow_multiple_connections:
+            self.limit = 1
+        else:
+            self.limit = settings.max_connections or math.inf
+        self.limiter = trio.CapacityLimiter(self.limit)
+        self.connections: dict[int, ServerConnection] = {}
+        self._all: set[ServerConnection] = set()
+        self._ids = itertools.count(1)
+        self._accepting = trio.CancelScope()
+        self.stop_requested = trio.Event()
+        self.drained = trio.Event()
+        self._closed = trio.Event()
+        for route in settings.input_routes:
+            routes.bind(route, self.deliver)
+
+    # -- listening --------------------------------------------------------------------------
+    async def open_listeners(self) -> list[trio.SocketListener]:
+        host = self.settings.host or None
+        port = self.settings.port
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            where = f"{self.settings.host or '*'}:{port}"
+            hint = " (is another server running? use --port 0 for any free port)" if exc.errno == 98 else ""
+            raise BindError(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from exc
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until ``stop_accepting``; return when every connection is closed."""
+        wrapped: list[Any] = listeners
+        context = self._ssl_context()
+        if context is not None:
+            wrapped = [trio.SSLListener(lst, context, https_compatible=False) for lst in listeners]
+        try:
+            async with trio.open_nursery() as handlers:
+                # Cancelling _accepting closes the listeners; connections live on in `handlers`.
+                with self._accepting:
+                    async with trio.open_nursery() as accept:
+                        await accept.start(
+                            functools.partial(
+                                trio.serve_listeners, self._handle, wrapped, handler_nursery=handlers
+                            )
+                        )
+                        task_status.started()
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the listeners and every connection are closed."""
+        await self._closed.wait()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        return None
+
+    # -- stopping ---------------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.stop_requested.set()
+        self._accepting.cancel()
+
+    def stop_reading(self) -> None:
+        for conn in list(self._all):
+            conn.stop_reading()
+
+    async def wait_readers_stopped(self) -> None:
+        for conn in list(self._all):
+            await conn.reader_done.wait()
+
+    def abort(self) -> None:
+        for conn in list(self._all):
+            conn.abort()
+
+    # -- delivering records from the workflow -------------------------------------------------
+    async def deliver(self, batch: Batch) -> None:
+        """Consumer of the input routes: send a batch to every client, or to the one it names."""
+        counters = self.mim.counters
+        wire_types = self.wire_types
+        items = []
+        for record in batch.records:
+            if type(record) in wire_types:
+                items.append(record)
+                continue
+            try:
+                items.append(Pickled(cloudpickle.dumps(record)))
+            except Exception as exc:
+                counters.undeliverable += 1
+                log.error("cannot send a %s to clients (%s); counted as undeliverable", type(record).__name__, exc)
+        if not items:
+            return
+        if batch.connection is None:
+            targets = list(self.connections.values())
+        else:
+            conn = self.connections.get(batch.connection)
+            targets = [conn] if conn is not None else []
+        if not targets:
+            counters.undeliverable += len(items)
+            whom = "no client is connected" if batch.connection is None else f"connection {batch.connection} is gone"
+            log.warning("%d record(s) on route %r are undeliverable: %s", len(items), batch.route, whom)
+            return
+        frames = encode_record_frames(items, self.settings.max_frame_size)
+        for conn in targets:
+            await conn.enqueue_records(frames, len(items))
+
+    # -- connections --------------------------------------------------------------------------
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        conn = ServerConnection(self, stream, next(self._ids))
+        self._all.add(conn)
+        try:
+            await conn.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("connection %d (%s) lost: %s", conn.id, conn.peer, exc.__cause__ or exc)
+        except Exception:
+            log.exception("connection %d (%s) failed", conn.id, conn.peer)
+        finally:
+            self._all.discard(conn)
+            conn.reader_done.set()
+            await trio.aclose_forcefully(stream)
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    sock = getattr(inner, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError, TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"
+
+
+class ServerConnection:
+    """One client connection: handshake, then a reader and a writer task."""
+
+    def __init__(self, connector: Connector, stream: trio.abc.Stream, conn_id: int) -> None:
+        self.connector = connector
+        self.stream = stream
+        self.id = conn_id
+        self.peer = _peer(stream)
+        self.protocol = Protocol(Role.SERVER, max_frame_size=connector.settings.max_frame_size)
+        self.counters = connector.mim.counters
+        self.info: ConnectionInfo | None = None
+        # Cancelled to stop taking records: one scope for the handshake, one for the reader.
+        self.handshaking = trio.CancelScope()
+        self.reading = trio.CancelScope()
+        self.reader_done = trio.Event()
+        self._busy: trio.CancelScope | None = None
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[Any, int]](
+            connector.settings.outbox_size
+        )
+        self._farewell: Message | None = None
+        self.taken = 0
+        self._acked = 0
+        self.dropped = 0
+        self._dropped_reported = 0
+
+    def stop_reading(self) -> None:
+        self.handshaking.cancel()
+        self.reading.cancel()
+
+    def abort(self) -> None:
+        self.stop_reading()
+        if self._busy is not None:
+            self._busy.cancel()
+
+    async def run(self) -> None:
+        connector = self.connector
+        with self.handshaking:
+            hello = await self._handshake()
+        if hello is None:
+            return
+        refusal = self._admit(hello)
+        if refusal is not None:
+            self.counters.connections_refused += 1
+            log.info("refused connection %d from %s: %s", self.id, self.peer, refusal.reason)
+            await self._send_now(refusal)
+            return
+        try:
+            self.info = ConnectionInfo(
+                id=self.id,
+                peer=self.peer,
+                name=hello.name,
+                metadata=hello.metadata,
+                tls_subject=None,
+                connected_at=datetime.datetime.now(datetime.timezone.utc),
+            )
+            await self._send_now(connector.welcome(connection_id=self.id))
+            connector.connections[self.id] = self
+            self.counters.connections_accepted += 1
+            self.counters.connections_open += 1
+            log.info("connection %d from %s (%s) open", self.id, self.peer, hello.name or "unnamed")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop)
+                    try:
+                        await self._read_loop()
+                        self.reader_done.set()
+                        if self.reading.cancelled_caught:
+                            # The server is stopping: deliver what the workflow still makes.
+                            self._farewell = Bye("the server is shutting down")
+                            await connector.drained.wait()
+                    finally:
+                        del connector.connections[self.id]
+                        self.counters.connections_open -= 1
+                        self._outbox_send.close()
+            finally:
+                log.info("connection %d from %s closed", self.id, self.peer)
+        finally:
+            connector.limiter.release_on_behalf_of(self)
+
+    async def _handshake(self) -> Hello | None:
+        """Read the client's Hello within the handshake timeout."""
+        protocol = self.protocol
+        with trio.move_on_after(self.connector.settings.handshake_timeout) as scope:
+            try:
+                while True:
+                    event = protocol.next_event()
+                    if event is NEED_DATA:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        self.counters.bytes_in += len(data)
+                        protocol.receive_data(data)
+                    elif isinstance(event, Hello):
+                        return event
+                    else:  # Closed: the client left before saying hello
+                        return None
+            except RemoteProtocolError as exc:
+                log.warning("connection %d from %s: %s", self.id, self.peer, exc)
+                await self._send_now(Error(str(exc)))
+                return None
+        if scope.cancelled_caught and not self.handshaking.cancel_called:
+            log.warning(
+                "connection %d from %s: no hello within %s s; closing",
+                self.id, self.peer, self.connector.settings.handshake_timeout,
+            )
+            await self._send_now(Error(f"no hello within {self.connector.settings.handshake_timeout} s"))
+        return None
+
+    def _admit(self, hello: Hello) -> Refuse | None:
+        connector = self.connector
+        if hello.protocol != PROTOCOL_VERSION:
+            return Refuse(
+                "protocol",
+                f"this server speaks protocol {PROTOCOL_VERSION}; the client speaks {hello.protocol}",
+            )
+        if connector.stop_requested.is_set():
+            return Refuse("shutdown", "the server is shutting down")
+        try:
+            connector.limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            if connector.limit == 1 and not connector.settings.allow_multiple_connections:
+                reason = "this connector allows one connection at a time, and one is open"
+            else:
+                reason = f"the connection limit ({connector.limit}) is reached"
+            return Refuse("limit", reason)
+        return None
+
+    async def _send_now(self, message: Message) -> None:
+        """Send a message directly (before the writer runs, or instead of it), best effort."""
+        try:
+            data = self.protocol.send(message)
+        except Exception:
+            return
+        with trio.move_on_after(self.connector.settings.handshake_timeout):
+            try:
+                await self.stream.send_all(data)
+                self.counters.bytes_out += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    # -- reading ------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        protocol = self.protocol
+        stream = self.stream
+        counters = self.counters
+        with self.reading:
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                # Once a chunk is read, a graceful stop lets it be taken whole.
+                with trio.CancelScope(shield=True) as self._busy:
+                    counters.bytes_in += len(data)
+                    protocol.receive_data(data)
+                    try:
+                        for event in protocol.events():
+                            if await self._on_event(event):
+                                return
+                    except RemoteProtocolError as exc:
+                        log.warning("connection %d from %s: %s; closing", self.id, self.peer, exc)
+                        self._farewell = Error(str(exc))
+                        return
+                self._busy = None
+
+    async def _on_event(self, event: Any) -> bool:
+        """Handle one event; True when the client is done."""
+        if isinstance(event, Records):
+            await self._take(event.items)
+        elif isinstance(event, Flush):
+            self._acked = self.taken
+            await self._outbox_send.send((Ack(self.taken), 0))
+        elif isinstance(event, GetMim):
+            await self._outbox_send.send((Mim(self.connector.mim.snapshot()), 0))
+        elif isinstance(event, (Bye, Closed)):
+            return True
+        return False
+
+    async def _take(self, raw: msgspec.Raw) -> None:
+        connector = self.connector
+        decoder = connector.batch_decoder
+        errors: list[RecordError] = []
+        try:
+            if decoder is None:
+                raise msgspec.ValidationError("this connector accepts nothing")
+            records = decoder.decode(raw)
+        except msgspec.DecodeError:
+            records, errors = self._take_one_by_one(raw)
+        counters = self.counters
+        counters.records_in += len(records)
+        self.taken += len(records) + len(errors)
+        if records:
+            info = self.info
+            send = connector.routes.send
+            route = connector.single_route
+            if route is not None:
+                await send(route, records, info)
+            else:
+                groups: dict[str, list[Any]] = {}
+                type_routes = connector.type_routes
+                for record in records:
+                    route = type_routes[type(record)]
+                    group = groups.get(route)
+                    if group is None:
+                        groups[route] = [record]
+                    else:
+                        group.append(record)
+                for route, group in groups.items():
+                    await send(route, group, info)
+        if errors:
+            counters.records_refused += len(errors)
+            log.warning(
+                "connection %d from %s: refused %d record(s); first: %s",
+                self.id, self.peer, len(errors), errors[0],
+            )
+            await self._outbox_send.send((Refused(errors), 0))
+        if self.taken - self._acked >= ACK_EVERY:
+            self._acked = self.taken
+            await self._outbox_send.send((Ack(self.taken), 0))
+
+    def _take_one_by_one(self, raw: msgspec.Raw) -> tuple[list[Any], list[RecordError]]:
+        """The slow path, for a batch with a bad record: keep the good ones, explain the bad."""
+        connector = self.connector
+        try:
+            items = _raw_items.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise RemoteProtocolError(f"malformed batch of records: {exc}") from None
+        records: list[Any] = []
+        errors: list[RecordError] = []
+        decoder = connector.item_decoder
+        for i, item in enumerate(items):
+            try:
+                if decoder is None:
+                    raise msgspec.ValidationError("nothing accepted")
+                records.append(decoder.decode(item))
+            except msgspec.DecodeError:
+                type_name, field, problem = connector.config.codec.explain(item, connector.accepted)
+                errors.append(RecordError(self.taken + i, type_name, field, problem))
+        return records, errors
+
+    # -- writing ------------------------------------------------------------------------------
+    async def enqueue_records(self, frames: list[bytearray], count: int) -> None:
+        """Queue records for this client; if it does not read for ``delivery_timeout``
+        seconds, they are counted undeliverable and the client is told."""
+        item = (frames, count)
+        try:
+            self._outbox_send.send_nowait(item)
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._undeliverable(count, "the connection is closing")
+            return
+        timeout = self.connector.settings.delivery_timeout
+        with trio.move_on_after(timeout):
+            try:
+                await self._outbox_send.send(item)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._undeliverable(count, "the connection is closing")
+            return
+        self._undeliverable(count, f"the client read nothing for {timeout} s")
+
+    def _undeliverable(self, count: int, why: str) -> None:
+        self.counters.undeliverable += count
+        self.dropped += count
+        log.warning("connection %d from %s: %d record(s) undeliverable: %s", self.id, self.peer, count, why)
+
+    async def _write_loop(self) -> None:
+        outbox = self._outbox
+        protocol = self.protocol
+        counters = self.counters
+        try:
+            async for payload, count in outbox:
+                parts: list[Any] = []
+                size = records = 0
+                while True:
+                    if count:
+                        parts.extend(payload)
+                        size += sum(map(len, payload))
+                        records += count
+                    else:
+                        data = protocol.send(payload)
+                        parts.append(data)
+                        size += len(data)
+                    if size >= COALESCE_BYTES:
+                        break
+                    try:
+                        payload, count = outbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+                counters.records_out += records
+                counters.bytes_out += size
+                if self.dropped > self._dropped_reported:
+                    lost = self.dropped - self._dropped_reported
+                    self._dropped_reported = self.dropped
+                    await self.stream.send_all(
+                        protocol.send(Notice(f"{lost} record(s) for this client were undeliverable", lost))
+                    )
+            if self._farewell is not None:
+                await self.stream.send_all(protocol.send(self._farewell))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            lost = 0
+            while True:
+                try:
+                    _, count = outbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                lost += count
+            if lost:
+                self._undeliverable(lost, f"the client is gone ({exc})")
+            outbox.close()

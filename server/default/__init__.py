@@ -1,0 +1,1 @@
+"""The built-in default workflow that ``python -m server`` runs: an echo workflow."""

@@ -1,0 +1,114 @@
+"""Routes: named, bounded paths that carry batches of records between the connector and the
+processors of a workflow.
+
+A route has exactly one consumer (a processor's bounded inbox, or the connector). What travels
+is a ``Batch``: a list of records, the connection they came from, and (for per-connection
+routing) the connection they are for. ``InFlight`` counts batches handed to processors and not
+yet processed, so that a graceful stop can wait until the workflow has finished what it took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import trio
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionInfo:
+    """A client connection, as processors see it (``ctx.connection``)."""
+
+    id: int
+    peer: str
+    name: str
+    metadata: dict[str, Any]
+    tls_subject: str | None
+    connected_at: datetime.datetime
+
+
+class Batch(NamedTuple):
+    route: str
+    records: list[Any]
+    origin: ConnectionInfo | None  # the connection the records came from
+    connection: int | None = None  # with per-connection routing: the connection they are for
+
+
+Target = Callable[[Batch], Awaitable[None]]
+
+
+class UnknownRoute(LookupError):
+    pass
+
+
+class InFlight:
+    """How many batches are in processors' inboxes or being processed."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def add(self) -> None:
+        if self._count == 0:
+            self._idle = trio.Event()
+        self._count += 1
+
+    def done(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        while self._count:
+            await self._idle.wait()
+
+
+class RouteTable:
+    """Route name -> the consumer's ``Target``."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, Target] = {}
+        self.in_flight = InFlight()
+
+    def __contains__(self, route: object) -> bool:
+        return route in self._targets
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._targets)
+
+    def bind(self, route: str, target: Target) -> None:
+        if route in self._targets:
+            raise ValueError(f"route {route!r} already has a consumer")
+        self._targets[route] = target
+
+    def bind_inbox(self, route: str, inbox: trio.MemorySendChannel[Batch]) -> None:
+        """Bind a route to a processor's inbox; the processor calls ``in_flight.done()``."""
+        in_flight = self.in_flight
+
+        async def send(batch: Batch) -> None:
+            in_flight.add()
+            try:
+                await inbox.send(batch)
+            except BaseException:
+                in_flight.done()
+                raise
+
+        self.bind(route, send)
+
+    async def send(
+        self,
+        route: str,
+        records: list[Any],
+        origin: ConnectionInfo | None = None,
+        connection: int | None = None,
+    ) -> None:
+        """Hand a batch to the route's consumer; waits while the consumer is full."""
+        try:
+            target = self._targets[route]
+        except KeyError:
+            raise UnknownRoute(route) from None
+        await target(Batch(route, records, origin, connection))

@@ -1,0 +1,71 @@
+"""Shared fixtures: a real server process started the way the README starts it, and the
+paths of the test workflows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
+
+
+class ServerProcess:
+    """``python -m server [toml] --port 0`` in a subprocess; knows its port."""
+
+    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *args, "--port", "0", "--log-level", "WARNING"],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()!r}")
+        self.banner = line.strip()
+        self.host, port = line.strip().rsplit(" ", 1)[1].rsplit(":", 1)
+        self.port = int(port)
+
+    def stop(self, timeout: float = 20) -> tuple[int, str]:
+        """SIGTERM, then the exit code and what the server logged."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Start servers with ``start_server(*args)``; every one is stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        server = ServerProcess(*args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def echo_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """The built-in default workflow, started as the README says."""
+    return start_server()
