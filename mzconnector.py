@@ -142,7 +142,7 @@ class RecordError(msgspec.Struct, array_like=True, frozen=True):
 
     index: int
     type: str
-    field: Optional[str]
+    field: str | None
     message: str
 
     def __str__(self) -> str:
@@ -563,11 +563,17 @@ def build_record_types(
     Raises ``SchemaError`` naming the type and field for anything that cannot be built.
     """
     for name, fields in schema.items():
-        if not _IDENT.match(name) or keyword.iskeyword(name) or name in _SCALARS or name in (
-            "list",
-            "dict",
-            "None",
-            "bytes",
+        if (
+            not _IDENT.match(name)
+            or keyword.iskeyword(name)
+            or name in _SCALARS
+            or name
+            in (
+                "list",
+                "dict",
+                "None",
+                "bytes",
+            )
         ):
             raise SchemaError(f"{name!r} cannot be a record type name")
         for field in fields:
@@ -643,7 +649,9 @@ class RecordCodec:
             raise ValueError("a record decoder needs at least one type")
         return msgspec.msgpack.Decoder(list[Union[tuple(kinds)]])  # type: ignore[misc]
 
-    def explain(self, raw: msgspec.Raw | bytes, accepted: Iterable[str]) -> tuple[str, str | None, str]:
+    def explain(
+        self, raw: msgspec.Raw | bytes, accepted: Iterable[str]
+    ) -> tuple[str, str | None, str]:
         """Why one encoded record is not acceptable: (type name, field name or None, problem)."""
         accepted = set(accepted)
         try:
@@ -793,7 +801,9 @@ class _TLSTransport(_Transport):
                 self._pump_out()
                 data = self.sock.recv(1 << 16)
                 if not data:
-                    raise ConnectionResetError("the server closed the connection during TLS") from None
+                    raise ConnectionResetError(
+                        "the server closed the connection during TLS"
+                    ) from None
                 self._in.write(data)
         self._pump_out()
 
@@ -847,16 +857,28 @@ def _tls_context(
     return context
 
 
-def _describe_tls_error(exc: ssl.SSLError, host: str) -> str:
+def _describe_tls_error(exc: ssl.SSLError, where: str) -> str:
+    """A TLS failure, in words a notebook user can act on."""
     text = str(exc)
-    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
-        return f"TLS handshake failed: the server at {host} does not seem to speak TLS ({exc})"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return f"TLS handshake failed: the server's certificate cannot be verified ({exc.args[-1]})"
-    if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
-        return f"TLS handshake failed: the server requires a client certificate it trusts ({exc})"
-    if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
-        return f"TLS handshake failed: the server does not trust the client certificate ({exc})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or text
+        if "mismatch" in detail or "hostname" in detail.lower():
+            return (
+                f"TLS handshake failed: the server's certificate is not valid for the host name "
+                f"you connected to ({detail})"
+            )
+        return f"TLS handshake failed: the server's certificate cannot be verified ({detail})"
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "packet length" in text:
+        return f"TLS handshake failed: the server at {where} does not seem to speak TLS ({exc})"
+    if "CERTIFICATE_REQUIRED" in text:
+        return f"TLS handshake failed: the server requires a client certificate ({exc})"
+    if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text or "HANDSHAKE_FAILURE" in text:
+        return f"TLS handshake failed: the server does not accept the client certificate ({exc})"
+    if isinstance(exc, ssl.SSLEOFError):
+        return (
+            f"TLS handshake failed: the server at {where} closed the connection "
+            f"(does it require a client certificate?) ({exc})"
+        )
     return f"TLS handshake failed: {exc}"
 
 
@@ -938,8 +960,12 @@ class Connection:
         self.api_modules: dict[str, types.ModuleType] = {}
         self._load_api(welcome.api)
 
-        self._reader = threading.Thread(target=self._read_loop, name="mzconnector-reader", daemon=True)
-        self._flusher = threading.Thread(target=self._linger_loop, name="mzconnector-linger", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, name="mzconnector-reader", daemon=True
+        )
+        self._flusher = threading.Thread(
+            target=self._linger_loop, name="mzconnector-linger", daemon=True
+        )
         self._reader.start()
         self._flusher.start()
 
@@ -1073,10 +1099,14 @@ class Connection:
                     kept.append(record)
                     continue
                 name = self._codec.by_class.get(type(record), type(record).__name__)
-                self._errors.append(RecordError(
-                    self._sent + i, name, None,
-                    f"{size} bytes encoded; the server takes at most {limit} bytes per record",
-                ))
+                self._errors.append(
+                    RecordError(
+                        self._sent + i,
+                        name,
+                        None,
+                        f"{size} bytes encoded; the server takes at most {limit} bytes per record",
+                    )
+                )
         frames = encode_record_frames(kept, self._protocol.max_frame_size) if kept else []
         return kept, frames
 
@@ -1131,7 +1161,9 @@ class Connection:
                 self._cond.notify_all()
         return record
 
-    def receive_many(self, max_records: int | None = None, timeout: float | None = 0.0) -> list[Any]:
+    def receive_many(
+        self, max_records: int | None = None, timeout: float | None = 0.0
+    ) -> list[Any]:
         """Every record already received (at most ``max_records``); if there is none, waits
         up to ``timeout`` for the first. Returns an empty list on timeout."""
         if self._buf:
@@ -1176,7 +1208,12 @@ class Connection:
                 self._mim_waiting -= 1
 
     def _wait(
-        self, ready: Callable[[], bool], timeout: float | None, what: str, *, closing_ok: bool = False
+        self,
+        ready: Callable[[], bool],
+        timeout: float | None,
+        what: str,
+        *,
+        closing_ok: bool = False,
     ) -> None:
         if timeout is None and what != "receive":
             timeout = self.timeout
@@ -1294,7 +1331,7 @@ class Connection:
             # Register the source so tracebacks, inspect and help() can show it.
             lines = spec.source.splitlines(keepends=True)
             linecache.cache[filename] = (len(spec.source), None, lines, filename)
-            exec(compile(spec.source, filename, "exec"), vars(module))  # noqa: S102 - server-shipped code
+            exec(compile(spec.source, filename, "exec"), vars(module))
             for name in api_exports(module):
                 members[name] = getattr(module, name)
             self.api_modules[spec.name] = module
@@ -1357,7 +1394,7 @@ def connect(
             client=f"mzconnector {__version__} (Python {sys.version.split()[0]})",
         )
         transport.send(protocol.send(hello))
-        welcome = _await_welcome(transport, protocol, where, timeout)
+        welcome = _await_welcome(transport, protocol, where, timeout, bool(certfile))
     except BaseException:
         sock.close()
         raise
@@ -1373,8 +1410,17 @@ def connect(
     )
 
 
-def _await_welcome(transport: _Transport, protocol: Protocol, where: str, timeout: float) -> Welcome:
+def _await_welcome(
+    transport: _Transport, protocol: Protocol, where: str, timeout: float, cert_given: bool
+) -> Welcome:
     deadline = time.monotonic() + timeout
+    tls = isinstance(transport, _TLSTransport)
+    if not tls:
+        gone = "(is it a TLS server? then connect with tls=True)"
+    elif cert_given:
+        gone = "(does it accept this client certificate? is it signed by a CA the server trusts?)"
+    else:
+        gone = "(does it require a client certificate? pass certfile=...)"
     while True:
         try:
             event = protocol.next_event()
@@ -1388,19 +1434,21 @@ def _await_welcome(transport: _Transport, protocol: Protocol, where: str, timeou
             try:
                 data = transport.recv()
             except TimeoutError:
-                raise ConnectError(
-                    f"no answer from {where} within {timeout} s (is it a TLS server? try tls=True)"
-                ) from None
+                hint = "" if tls else " (is it a TLS server? try tls=True)"
+                raise ConnectError(f"no answer from {where} within {timeout} s{hint}") from None
             except ssl.SSLError as exc:
                 raise ConnectError(_describe_tls_error(exc, where)) from exc
             except OSError as exc:
-                raise ConnectError(f"lost the connection to {where} during the handshake: {exc}") from exc
+                raise ConnectError(
+                    f"{where} dropped the connection during the handshake {gone}: {exc}"
+                ) from exc
             protocol.receive_data(data)
             continue
         if isinstance(event, Welcome):
             if event.protocol != PROTOCOL_VERSION:
                 raise ConnectError(
-                    f"{where} speaks protocol {event.protocol}; this client speaks {PROTOCOL_VERSION}"
+                    f"{where} speaks protocol {event.protocol}; "
+                    f"this client speaks {PROTOCOL_VERSION}"
                 )
             return event
         if isinstance(event, Refuse):
@@ -1410,8 +1458,5 @@ def _await_welcome(transport: _Transport, protocol: Protocol, where: str, timeou
         if isinstance(event, Error):
             raise ConnectError(f"{where} reported an error: {event.message}")
         if isinstance(event, Closed):
-            raise ConnectError(
-                f"{where} closed the connection during the handshake "
-                "(is it a TLS server? then connect with tls=True)"
-            )
+            raise ConnectError(f"{where} closed the connection during the handshake {gone}")
         raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")

@@ -10,15 +10,17 @@ Public API::
 
 from .app import Server, serve
 from .config import Config, Processor, load_config
+from .connections import ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import BindError, ConfigError, RouteError, ServerError
-from .routes import ConnectionInfo
 from .workflow import ProcessorContext
 
 __all__ = [
     "BindError",
     "Config",
     "ConfigError",
+    "ConnectionEnded",
     "ConnectionInfo",
+    "ConnectionRequest",
     "Processor",
     "ProcessorContext",
     "RouteError",

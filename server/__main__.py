@@ -74,7 +74,8 @@ async def _run(config: Config) -> None:
                 async for signum in signals:
                     if not server._stop.is_set():
                         logging.getLogger("mzserver").info(
-                            "%s: stopping gracefully (again to stop at once)", signal.Signals(signum).name
+                            "%s: stopping gracefully (again to stop at once)",
+                            signal.Signals(signum).name,
                         )
                         server.stop()
                     else:

@@ -27,7 +27,9 @@ def load_api_module(ref: str, base_dir: Path, *, source: str, key: str) -> ApiMo
     try:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as exc:
-        raise ConfigError(source, key, f"API module {str(path)!r} does not compile: {exc}") from None
+        raise ConfigError(
+            source, key, f"API module {str(path)!r} does not compile: {exc}"
+        ) from None
     _check_all(tree, path, source=source, key=key)
     return ApiModule(name=path.stem, source=text)
 
@@ -39,7 +41,9 @@ def exported_names(module: ApiModule) -> list[str]:
     declared = _literal_all(tree)
     if declared is not None:
         return declared
-    return [n for n in _defined(tree, imports=False) if not n.startswith("_") and n not in API_PROVIDED]
+    return [
+        n for n in _defined(tree, imports=False) if not n.startswith("_") and n not in API_PROVIDED
+    ]
 
 
 def _resolve(ref: str, base_dir: Path, *, source: str, key: str) -> Path:

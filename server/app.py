@@ -32,7 +32,9 @@ log = logging.getLogger("mzserver")
 class Server:
     """A running server: where it listens, its MIM values, and ``stop()``."""
 
-    def __init__(self, config: Config, connector: Connector, mim: MimTable, addresses: list[Any]) -> None:
+    def __init__(
+        self, config: Config, connector: Connector, mim: MimTable, addresses: list[Any]
+    ) -> None:
         self.config = config
         self.mim = mim
         self._connector = connector
@@ -60,13 +62,15 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run the connector and workflow of ``config`` until ``Server.stop()`` (graceful) or
     cancellation (immediate). Reports the ``Server`` through ``task_status``."""
     routes = RouteTable()
     mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
-    workflow = Workflow(config, routes, mim)
     connector = Connector(config, routes, mim)
+    workflow = Workflow(config, routes, mim, control=connector)
     listeners = await connector.open_listeners()
     server = Server(config, connector, mim, [lst.socket.getsockname() for lst in listeners])
     try:

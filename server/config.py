@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import re
+import ssl
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +52,12 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     accepted_types: list[str] = []
     input_routes: list[str] = []
     output_routes: dict[str, str] = {}
+    # Connection control: each connect attempt becomes a ConnectionRequest on this route.
+    connection_control: bool = False
+    connection_request_route: str = ""
+    connection_request_timeout: Seconds = 10.0
+    # Records routed back go to the connection they came from (or name), not to everyone.
+    per_connection_routing: bool = False
     # Limits: every buffer is bounded, every wait has a deadline.
     max_frame_size: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = DEFAULT_MAX_FRAME_SIZE
     handshake_timeout: Seconds = 10.0
@@ -112,6 +119,7 @@ class Config:
     mim_declared: dict[str, str]  # assigned MIM name -> type as written
     api_modules: tuple[ApiModule, ...]
     processors: tuple[Processor, ...]
+    ssl_context: ssl.SSLContext | None = None
 
     @classmethod
     def from_dict(
@@ -214,6 +222,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         for i, p in enumerate(raw.processors)
     )
     _check_routes(connector, processors, source)
+    ssl_context = _ssl_context(connector.tls, base_dir, source)
 
     api_modules = tuple(
         load_api_module(ref, base_dir, source=source, key=f"api.modules[{i}]")
@@ -232,6 +241,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         mim_declared=dict(raw.mim),
         api_modules=api_modules,
         processors=processors,
+        ssl_context=ssl_context,
     )
 
 
@@ -246,7 +256,7 @@ def _check_connector(connector: ConnectorTable, raw: ConfigFile, source: str) ->
             raise ConfigError(
                 source,
                 "connector.output_routes",
-                f"accepted type {name!r} has no output route (add {name} = \"<route>\")",
+                f'accepted type {name!r} has no output route (add {name} = "<route>")',
             )
     for name in connector.output_routes:
         if name not in connector.accepted_types:
@@ -255,17 +265,23 @@ def _check_connector(connector: ConnectorTable, raw: ConfigFile, source: str) ->
             )
 
 
-def _check_routes(connector: ConnectorTable, processors: tuple[Processor, ...], source: str) -> None:
+def _check_routes(
+    connector: ConnectorTable, processors: tuple[Processor, ...], source: str
+) -> None:
     consumer: dict[str, str] = {}
     for route in connector.input_routes:
         consumer[route] = "the connector (connector.input_routes)"
     names: set[str] = set()
     for i, processor in enumerate(processors):
         if processor.name in names:
-            raise ConfigError(source, f"processors[{i}].name", f"two processors are named {processor.name!r}")
+            raise ConfigError(
+                source, f"processors[{i}].name", f"two processors are named {processor.name!r}"
+            )
         names.add(processor.name)
         if not processor.routes:
-            raise ConfigError(source, f"processors[{i}].routes", "a processor must consume at least one route")
+            raise ConfigError(
+                source, f"processors[{i}].routes", "a processor must consume at least one route"
+            )
         for route in processor.routes:
             if route in consumer:
                 raise ConfigError(
@@ -275,6 +291,15 @@ def _check_routes(connector: ConnectorTable, processors: tuple[Processor, ...], 
                     "each route has exactly one consumer",
                 )
             consumer[route] = f"processor {processor.name!r}"
+    if connector.connection_control:
+        route = connector.connection_request_route
+        key = "connector.connection_request_route"
+        if not route:
+            raise ConfigError(
+                source, key, "connection_control = true needs a route for the requests"
+            )
+        if not consumer.get(route, "").startswith("processor"):
+            raise ConfigError(source, key, f"no processor consumes route {route!r}")
     for type_name, route in connector.output_routes.items():
         if route not in consumer:
             raise ConfigError(
@@ -283,6 +308,51 @@ def _check_routes(connector: ConnectorTable, processors: tuple[Processor, ...], 
                 f"nothing consumes route {route!r} (list it in a processor's routes or in "
                 "connector.input_routes)",
             )
+
+
+def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext | None:
+    """The server's TLS context; every file is checked now, not at the first connection."""
+    if not tls.enabled:
+        return None
+    for key in ("certfile", "keyfile"):
+        if not getattr(tls, key):
+            raise ConfigError(source, f"connector.tls.{key}", "TLS is enabled but no file is given")
+    if tls.require_client_auth and not tls.cafile:
+        raise ConfigError(
+            source,
+            "connector.tls.cafile",
+            "require_client_auth = true needs the CA that signs client certificates",
+        )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certfile, keyfile = (str(base_dir / tls.certfile), str(base_dir / tls.keyfile))
+    for key, path in (("certfile", certfile), ("keyfile", keyfile)):
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                source, f"connector.tls.{key}", f"cannot read {path!r}: {exc.strerror or exc}"
+            ) from None
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            source,
+            "connector.tls",
+            f"cannot load certificate {certfile!r} with key {keyfile!r}: {exc}",
+        ) from None
+    if tls.cafile:
+        cafile = str(base_dir / tls.cafile)
+        try:
+            context.load_verify_locations(cafile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                source, "connector.tls.cafile", f"cannot load {cafile!r}: {exc}"
+            ) from None
+    if tls.require_client_auth:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif tls.cafile:
+        context.verify_mode = ssl.CERT_OPTIONAL  # take a certificate's subject when offered
+    return context
 
 
 def _check_api_names(modules: tuple[ApiModule, ...], source: str) -> None:
@@ -315,7 +385,9 @@ def _load_entry(entry: str, base_dir: Path, source: str, index: int) -> Callable
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(source, key, f"cannot import {target!r}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            source, key, f"cannot import {target!r}: {type(exc).__name__}: {exc}"
+        ) from None
     function = getattr(module, attr, None)
     if not callable(function):
         raise ConfigError(source, key, f"{target!r} has no function {attr!r}")

@@ -14,7 +14,6 @@ import functools
 import itertools
 import logging
 import math
-import ssl
 from typing import Any, Union
 
 import cloudpickle
@@ -36,10 +35,10 @@ from mzconnector import (
     Notice,
     Pickled,
     Protocol,
+    RecordError,
     Records,
     Refuse,
     Refused,
-    RecordError,
     RemoteProtocolError,
     Role,
     Welcome,
@@ -47,9 +46,10 @@ from mzconnector import (
 )
 
 from .config import Config
+from .connections import ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import BindError
 from .mim import MimTable
-from .routes import Batch, ConnectionInfo, RouteTable
+from .routes import Batch, RouteTable
 
 log = logging.getLogger("mzserver.connector")
 
@@ -98,6 +98,7 @@ class Connector:
             self.limit = settings.max_connections or math.inf
         self.limiter = trio.CapacityLimiter(self.limit)
         self.connections: dict[int, ServerConnection] = {}
+        self._pending: dict[int, ServerConnection] = {}
         self._all: set[ServerConnection] = set()
         self._ids = itertools.count(1)
         self._accepting = trio.CancelScope()
@@ -115,7 +116,11 @@ class Connector:
             return await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             where = f"{self.settings.host or '*'}:{port}"
-            hint = " (is another server running? use --port 0 for any free port)" if exc.errno == 98 else ""
+            hint = (
+                " (is another server running? use --port 0 for any free port)"
+                if exc.errno == 98
+                else ""
+            )
             raise BindError(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from exc
 
     async def serve(
@@ -126,7 +131,7 @@ class Connector:
     ) -> None:
         """Accept connections until ``stop_accepting``; return when every connection is closed."""
         wrapped: list[Any] = listeners
-        context = self._ssl_context()
+        context = self.config.ssl_context
         if context is not None:
             wrapped = [trio.SSLListener(lst, context, https_compatible=False) for lst in listeners]
         try:
@@ -136,7 +141,10 @@ class Connector:
                     async with trio.open_nursery() as accept:
                         await accept.start(
                             functools.partial(
-                                trio.serve_listeners, self._handle, wrapped, handler_nursery=handlers
+                                trio.serve_listeners,
+                                self._handle,
+                                wrapped,
+                                handler_nursery=handlers,
                             )
                         )
                         task_status.started()
@@ -146,9 +154,6 @@ class Connector:
     async def wait_closed(self) -> None:
         """Wait until the listeners and every connection are closed."""
         await self._closed.wait()
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        return None
 
     # -- stopping ---------------------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -167,6 +172,35 @@ class Connector:
         for conn in list(self._all):
             conn.abort()
 
+    # -- what the workflow may do with connections (ConnectionControl) ------------------------
+    def decide(self, connection_id: int, accept: bool, reason: str = "") -> None:
+        """Accept or reject a pending connection request."""
+        conn = self._pending.get(connection_id)
+        if conn is None:
+            raise LookupError(f"no connection request {connection_id} is waiting for a decision")
+        conn.decision = (accept, reason)
+        conn.decided.set()
+
+    def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None:
+        """Send one connection's records of ``type_name`` on ``route`` from its next records
+        on (``None``: back to the configured route)."""
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            raise LookupError(f"connection {connection_id} is not open")
+        kind = bytes if type_name == "bytes" else self.config.codec.types.get(type_name)
+        if kind not in self.type_routes:
+            raise ValueError(f"{type_name!r} is not an accepted type ({', '.join(self.accepted)})")
+        if route is not None and route not in self.routes:
+            raise LookupError(f"no route {route!r} (routes: {', '.join(self.routes.names)})")
+        routes = dict(conn.type_routes)
+        routes[kind] = route if route is not None else self.type_routes[kind]
+        conn.type_routes = routes
+        distinct = set(routes.values())
+        conn.single_route = distinct.pop() if len(distinct) == 1 else None
+
+    def connections_info(self) -> list[ConnectionInfo]:
+        return [c.info for c in self.connections.values() if c.info is not None]
+
     # -- delivering records from the workflow -------------------------------------------------
     async def deliver(self, batch: Batch) -> None:
         """Consumer of the input routes: send a batch to every client, or to the one it names."""
@@ -181,18 +215,27 @@ class Connector:
                 items.append(Pickled(cloudpickle.dumps(record)))
             except Exception as exc:
                 counters.undeliverable += 1
-                log.error("cannot send a %s to clients (%s); counted as undeliverable", type(record).__name__, exc)
+                log.error(
+                    "cannot send a %s to clients (%s); counted as undeliverable",
+                    type(record).__name__,
+                    exc,
+                )
         if not items:
             return
-        if batch.connection is None:
+        target = batch.connection
+        if target is None and self.settings.per_connection_routing and batch.origin is not None:
+            target = batch.origin.id
+        if target is None:
             targets = list(self.connections.values())
         else:
-            conn = self.connections.get(batch.connection)
+            conn = self.connections.get(target)
             targets = [conn] if conn is not None else []
         if not targets:
             counters.undeliverable += len(items)
-            whom = "no client is connected" if batch.connection is None else f"connection {batch.connection} is gone"
-            log.warning("%d record(s) on route %r are undeliverable: %s", len(items), batch.route, whom)
+            whom = "no client is connected" if target is None else f"connection {target} is gone"
+            log.warning(
+                "%d record(s) on route %r are undeliverable: %s", len(items), batch.route, whom
+            )
             return
         frames = encode_record_frames(items, self.settings.max_frame_size)
         for conn in targets:
@@ -212,6 +255,28 @@ class Connector:
             self._all.discard(conn)
             conn.reader_done.set()
             await trio.aclose_forcefully(stream)
+
+
+def _tls_subject(stream: trio.abc.Stream) -> str | None:
+    """The client certificate's subject, e.g. ``"CN=alice,O=Example"``, if there is one."""
+    if not isinstance(stream, trio.SSLStream):
+        return None
+    cert = stream.getpeercert()
+    if not cert:
+        return None
+    return ",".join(
+        f"{_RDN_NAMES.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn
+    )
+
+
+_RDN_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+}
 
 
 def _peer(stream: trio.abc.Stream) -> str:
@@ -244,6 +309,11 @@ class ServerConnection:
             connector.settings.outbox_size
         )
         self._farewell: Message | None = None
+        self.type_routes = connector.type_routes
+        self.single_route = connector.single_route
+        self._holds_slot = False
+        self.decided = trio.Event()
+        self.decision: tuple[bool, str] = (False, "")
         self.taken = 0
         self._acked = 0
         self.dropped = 0
@@ -260,48 +330,95 @@ class ServerConnection:
 
     async def run(self) -> None:
         connector = self.connector
-        with self.handshaking:
-            hello = await self._handshake()
-        if hello is None:
-            return
-        refusal = self._admit(hello)
-        if refusal is not None:
-            self.counters.connections_refused += 1
-            log.info("refused connection %d from %s: %s", self.id, self.peer, refusal.reason)
-            await self._send_now(refusal)
-            return
         try:
+            with self.handshaking:  # cancelled when the server stops
+                opened = await self._open()
+            if opened:
+                await self._serve()
+        finally:
+            if self._holds_slot:
+                connector.limiter.release_on_behalf_of(self)
+
+    async def _open(self) -> bool:
+        """Handshake, limits, connection control; True once the client is welcomed."""
+        connector = self.connector
+        hello = await self._handshake()
+        if hello is None:
+            return False
+        refusal = self._admit(hello)
+        if refusal is None:
             self.info = ConnectionInfo(
                 id=self.id,
                 peer=self.peer,
                 name=hello.name,
                 metadata=hello.metadata,
-                tls_subject=None,
+                tls_subject=_tls_subject(self.stream),
                 connected_at=datetime.datetime.now(datetime.timezone.utc),
             )
-            await self._send_now(connector.welcome(connection_id=self.id))
-            connector.connections[self.id] = self
-            self.counters.connections_accepted += 1
-            self.counters.connections_open += 1
-            log.info("connection %d from %s (%s) open", self.id, self.peer, hello.name or "unnamed")
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_loop)
-                    try:
-                        await self._read_loop()
-                        self.reader_done.set()
-                        if self.reading.cancelled_caught:
-                            # The server is stopping: deliver what the workflow still makes.
-                            self._farewell = Bye("the server is shutting down")
-                            await connector.drained.wait()
-                    finally:
-                        del connector.connections[self.id]
-                        self.counters.connections_open -= 1
-                        self._outbox_send.close()
-            finally:
-                log.info("connection %d from %s closed", self.id, self.peer)
+            if connector.settings.connection_control:
+                refusal = await self._ask_workflow()
+        if refusal is not None:
+            self.counters.connections_refused += 1
+            log.info("connection %d from %s refused: %s", self.id, self.peer, refusal.reason)
+            await self._send_now(refusal)
+            return False
+        await self._send_now(connector.welcome(connection_id=self.id))
+        return True
+
+    async def _ask_workflow(self) -> Refuse | None:
+        """Connection control: put the request on its route; wait for the decision."""
+        settings = self.connector.settings
+        assert self.info is not None
+        self.connector._pending[self.id] = self
+        try:
+            with trio.move_on_after(settings.connection_request_timeout):
+                await self.connector.routes.send(
+                    settings.connection_request_route, [ConnectionRequest(self.info)], self.info
+                )
+                await self.decided.wait()
         finally:
-            connector.limiter.release_on_behalf_of(self)
+            del self.connector._pending[self.id]
+        if not self.decided.is_set():
+            return Refuse(
+                "rejected",
+                f"the workflow made no decision within {settings.connection_request_timeout} s",
+            )
+        accept, reason = self.decision
+        return None if accept else Refuse("rejected", reason or "rejected by the workflow")
+
+    async def _serve(self) -> None:
+        """The open connection: a writer task, and the reader in this one."""
+        connector = self.connector
+        connector.connections[self.id] = self
+        self.counters.connections_accepted += 1
+        self.counters.connections_open += 1
+        assert self.info is not None
+        log.info("connection %d from %s (%s) open", self.id, self.peer, self.info.name or "unnamed")
+        reason = "the client closed the connection"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                try:
+                    reason = await self._read_loop()
+                    self.reader_done.set()
+                    await self._tell_workflow_ended(reason)
+                    if self.reading.cancelled_caught:
+                        # The server is stopping: deliver what the workflow still makes.
+                        self._farewell = Bye("the server is shutting down")
+                        await connector.drained.wait()
+                finally:
+                    del connector.connections[self.id]
+                    self.counters.connections_open -= 1
+                    self._outbox_send.close()
+        finally:
+            log.info("connection %d from %s closed: %s", self.id, self.peer, reason)
+
+    async def _tell_workflow_ended(self, reason: str) -> None:
+        settings = self.connector.settings
+        if settings.connection_control and self.info is not None:
+            await self.connector.routes.send(
+                settings.connection_request_route, [ConnectionEnded(self.info, reason)], self.info
+            )
 
     async def _handshake(self) -> Hello | None:
         """Read the client's Hello within the handshake timeout."""
@@ -322,12 +439,26 @@ class ServerConnection:
                 log.warning("connection %d from %s: %s", self.id, self.peer, exc)
                 await self._send_now(Error(str(exc)))
                 return None
+            except trio.BrokenResourceError as exc:
+                if isinstance(self.stream, trio.SSLStream):
+                    log.warning(
+                        "connection %d from %s: TLS handshake failed: %s",
+                        self.id,
+                        self.peer,
+                        exc.__cause__ or exc,
+                    )
+                    return None
+                raise
         if scope.cancelled_caught and not self.handshaking.cancel_called:
             log.warning(
                 "connection %d from %s: no hello within %s s; closing",
-                self.id, self.peer, self.connector.settings.handshake_timeout,
+                self.id,
+                self.peer,
+                self.connector.settings.handshake_timeout,
             )
-            await self._send_now(Error(f"no hello within {self.connector.settings.handshake_timeout} s"))
+            await self._send_now(
+                Error(f"no hello within {self.connector.settings.handshake_timeout} s")
+            )
         return None
 
     def _admit(self, hello: Hello) -> Refuse | None:
@@ -341,6 +472,7 @@ class ServerConnection:
             return Refuse("shutdown", "the server is shutting down")
         try:
             connector.limiter.acquire_on_behalf_of_nowait(self)
+            self._holds_slot = True
         except trio.WouldBlock:
             if connector.limit == 1 and not connector.settings.allow_multiple_connections:
                 reason = "this connector allows one connection at a time, and one is open"
@@ -363,7 +495,8 @@ class ServerConnection:
                 pass
 
     # -- reading ------------------------------------------------------------------------------
-    async def _read_loop(self) -> None:
+    async def _read_loop(self) -> str:
+        """Take records until the client leaves; returns why the reading ended."""
         protocol = self.protocol
         stream = self.stream
         counters = self.counters
@@ -377,12 +510,13 @@ class ServerConnection:
                     try:
                         for event in protocol.events():
                             if await self._on_event(event):
-                                return
+                                return "the client closed the connection"
                     except RemoteProtocolError as exc:
                         log.warning("connection %d from %s: %s; closing", self.id, self.peer, exc)
                         self._farewell = Error(str(exc))
-                        return
+                        return f"protocol error: {exc}"
                 self._busy = None
+        return "the server is shutting down"
 
     async def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the client is done."""
@@ -413,12 +547,12 @@ class ServerConnection:
         if records:
             info = self.info
             send = connector.routes.send
-            route = connector.single_route
+            route = self.single_route
             if route is not None:
                 await send(route, records, info)
             else:
                 groups: dict[str, list[Any]] = {}
-                type_routes = connector.type_routes
+                type_routes = self.type_routes
                 for record in records:
                     route = type_routes[type(record)]
                     group = groups.get(route)
@@ -432,7 +566,10 @@ class ServerConnection:
             counters.records_refused += len(errors)
             log.warning(
                 "connection %d from %s: refused %d record(s); first: %s",
-                self.id, self.peer, len(errors), errors[0],
+                self.id,
+                self.peer,
+                len(errors),
+                errors[0],
             )
             await self._outbox_send.send((Refused(errors), 0))
         if self.taken - self._acked >= ACK_EVERY:
@@ -484,7 +621,9 @@ class ServerConnection:
     def _undeliverable(self, count: int, why: str) -> None:
         self.counters.undeliverable += count
         self.dropped += count
-        log.warning("connection %d from %s: %d record(s) undeliverable: %s", self.id, self.peer, count, why)
+        log.warning(
+            "connection %d from %s: %d record(s) undeliverable: %s", self.id, self.peer, count, why
+        )
 
     async def _write_loop(self) -> None:
         outbox = self._outbox
@@ -516,7 +655,9 @@ class ServerConnection:
                     lost = self.dropped - self._dropped_reported
                     self._dropped_reported = self.dropped
                     await self.stream.send_all(
-                        protocol.send(Notice(f"{lost} record(s) for this client were undeliverable", lost))
+                        protocol.send(
+                            Notice(f"{lost} record(s) for this client were undeliverable", lost)
+                        )
                     )
             if self._farewell is not None:
                 await self.stream.send_all(protocol.send(self._farewell))

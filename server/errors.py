@@ -1,9 +1,9 @@
 """The server's exceptions::
 
-    ServerError
-    ├── ConfigError       the configuration cannot be used; names the file, the key and the problem
-    ├── BindError         the server cannot listen where it was told to (e.g. the port is in use)
-    └── RouteError        a processor routed to a route that does not exist
+ServerError
+├── ConfigError       the configuration cannot be used; names the file, the key and the problem
+├── BindError         the server cannot listen where it was told to (e.g. the port is in use)
+└── RouteError        a processor routed to a route that does not exist
 """
 
 from __future__ import annotations

@@ -9,24 +9,12 @@ yet processed, so that a graceful stop can wait until the workflow has finished 
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import trio
 
-
-@dataclasses.dataclass(frozen=True)
-class ConnectionInfo:
-    """A client connection, as processors see it (``ctx.connection``)."""
-
-    id: int
-    peer: str
-    name: str
-    metadata: dict[str, Any]
-    tls_subject: str | None
-    connected_at: datetime.datetime
+from .connections import ConnectionInfo
 
 
 class Batch(NamedTuple):
