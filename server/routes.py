@@ -1,9 +1,9 @@
 """Routes: named, bounded paths that carry batches of records between the connector and the
 processors of a workflow.
 
-A route has exactly one consumer (a processor's bounded inbox, or the connector). What travels
+A route has exactly one consumer (a processor's runner, or the connector). What travels
 is a ``Batch``: a list of records, the connection they came from, and (for per-connection
-routing) the connection they are for. ``InFlight`` counts batches handed to processors and not
+routing) the connection they are for. ``InFlight`` counts batches queued for processors and not
 yet processed, so that a graceful stop can wait until the workflow has finished what it took.
 """
 
@@ -72,20 +72,6 @@ class RouteTable:
         if route in self._targets:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
-
-    def bind_inbox(self, route: str, inbox: trio.MemorySendChannel[Batch]) -> None:
-        """Bind a route to a processor's inbox; the processor calls ``in_flight.done()``."""
-        in_flight = self.in_flight
-
-        async def send(batch: Batch) -> None:
-            in_flight.add()
-            try:
-                await inbox.send(batch)
-            except BaseException:
-                in_flight.done()
-                raise
-
-        self.bind(route, send)
 
     async def send(
         self,

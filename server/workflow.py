@@ -116,63 +116,112 @@ def _id(connection: ConnectionInfo | ConnectionRequest | ConnectionEnded | int) 
     return connection if isinstance(connection, int) else connection.id
 
 
+class ProcessorRunner:
+    """Runs one processor, one batch at a time, in arrival order.
+
+    A batch that arrives while the processor is idle and nothing is queued is processed at
+    once in the sender's task (no task switch: this is what keeps a round trip short); other
+    batches wait in the bounded inbox for the processor's own task. A lock keeps the two
+    paths from overlapping; the ``queued`` count keeps the order.
+    """
+
+    def __init__(
+        self, processor: Processor, ctx: ProcessorContext, workflow: Workflow, buffer: int
+    ) -> None:
+        self.processor = processor
+        self.ctx = ctx
+        self.routes = workflow.routes
+        self.counters = workflow.mim.counters
+        self._lock = trio.Lock()
+        self._queued = 0
+        self._send, self._inbox = trio.open_memory_channel[Batch](buffer)
+
+    async def accept(self, batch: Batch) -> None:
+        """The route's target: process now if idle, else queue (waiting while the inbox is
+        full: backpressure to the sender)."""
+        if self._queued == 0:
+            try:
+                self._lock.acquire_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                try:
+                    await self._process(batch)
+                finally:
+                    self._lock.release()
+                return
+        in_flight = self.routes.in_flight
+        self._queued += 1
+        in_flight.add()
+        try:
+            await self._send.send(batch)
+        except BaseException:
+            self._queued -= 1
+            in_flight.done()
+            raise
+
+    async def run(self) -> None:
+        """Process queued batches until cancelled."""
+        async for batch in self._inbox:
+            async with self._lock:
+                self._queued -= 1
+                try:
+                    await self._process(batch)
+                finally:
+                    self.routes.in_flight.done()
+
+    async def _process(self, batch: Batch) -> None:
+        ctx = self.ctx
+        function = self.processor.function
+        ctx.route_name = batch.route
+        ctx.connection = batch.origin
+        if self.processor.is_async:
+            for record in batch.records:
+                try:
+                    await function(record, ctx)
+                except Exception as exc:
+                    self._failed(batch, record, exc)
+        else:
+            for record in batch.records:
+                try:
+                    function(record, ctx)
+                except Exception as exc:
+                    self._failed(batch, record, exc)
+        for (route, connection), records in ctx._take_output().items():
+            await self.routes.send(route, records, batch.origin, connection)
+
+    def _failed(self, batch: Batch, record: Any, exc: Exception) -> None:
+        self.counters.processor_errors += 1
+        log.error(
+            "processor %r failed on a record from route %r: %s: %s; record: %.300r",
+            self.processor.name,
+            batch.route,
+            type(exc).__name__,
+            exc,
+            record,
+            exc_info=exc,
+        )
+
+
 class Workflow:
     """The processors of a workflow, bound to their routes."""
 
     def __init__(
         self, config: Config, routes: RouteTable, mim: MimTable, control: ConnectionControl
     ) -> None:
-        self.control = control
         self.config = config
         self.routes = routes
         self.mim = mim
-        self._inboxes: list[tuple[Processor, trio.MemoryReceiveChannel[Batch]]] = []
+        self.runners: list[ProcessorRunner] = []
         for processor in config.processors:
-            send, receive = trio.open_memory_channel[Batch](config.connector.route_buffer)
+            ctx = ProcessorContext(config.workflow, processor.name, routes, mim.assigned, control)
+            runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:
-                routes.bind_inbox(route, send)
-            self._inboxes.append((processor, receive))
+                routes.bind(route, runner.accept)
+            self.runners.append(runner)
 
     async def run(self) -> None:
-        """Run every processor until cancelled."""
+        """Run every processor's task until cancelled."""
         async with trio.open_nursery() as nursery:
-            for processor, inbox in self._inboxes:
-                nursery.start_soon(
-                    self._run_processor, processor, inbox, name=f"processor {processor.name}"
-                )
-
-    async def _run_processor(
-        self, processor: Processor, inbox: trio.MemoryReceiveChannel[Batch]
-    ) -> None:
-        ctx = ProcessorContext(
-            self.config.workflow, processor.name, self.routes, self.mim.assigned, self.control
-        )
-        function, is_async = processor.function, processor.is_async
-        counters = self.mim.counters
-        async for batch in inbox:
-            try:
-                ctx.route_name = batch.route
-                ctx.connection = batch.origin
-                for record in batch.records:
-                    try:
-                        if is_async:
-                            await function(record, ctx)
-                        else:
-                            function(record, ctx)
-                    except Exception as exc:
-                        counters.processor_errors += 1
-                        log.error(
-                            "processor %r failed on a record from route %r: %s: %s; record: %.300r",
-                            processor.name,
-                            batch.route,
-                            type(exc).__name__,
-                            exc,
-                            record,
-                            exc_info=exc,
-                        )
-                for (route, connection), records in ctx._take_output().items():
-                    await self.routes.send(route, records, batch.origin, connection)
-            finally:
-                self.routes.in_flight.done()
-            # A long run of full batches must not starve the connections.
-            await trio.lowlevel.checkpoint()
+            for runner in self.runners:
+                nursery.start_soon(runner.run, name=f"processor {runner.processor.name}")
