@@ -182,6 +182,32 @@ def _config_error(source: str, exc: msgspec.ValidationError, prefix: str = "") -
     return ConfigError(source, key or "(top level)", problem)
 
 
+def _check_names_tables(data: Mapping[str, Any], source: str) -> None:
+    """Tables keyed by user names ([mim], [types.X], [connector.output_routes]): msgspec's
+    error path leaves such names out, so check their values here and name the key."""
+    connector = data.get("connector")
+    tables: list[tuple[str, Any]] = [("mim", data.get("mim"))]
+    if isinstance(connector, Mapping):
+        tables.append(("connector.output_routes", connector.get("output_routes")))
+    types = data.get("types")
+    if isinstance(types, Mapping):
+        for name, fields in types.items():
+            if not isinstance(fields, Mapping):
+                raise ConfigError(
+                    source, f"types.{name}", f"Expected a table of fields, got {fields!r}"
+                )
+            tables.append((f"types.{name}", fields))
+    for prefix, table in tables:
+        if not isinstance(table, Mapping):
+            continue
+        for key, value in table.items():
+            if not isinstance(value, str):
+                kind = "int" if isinstance(value, int) else type(value).__name__
+                raise ConfigError(
+                    source, f"{prefix}.{key}", f"Expected `str`, got `{kind}` ({value!r})"
+                )
+
+
 def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
     # Processor entries given as callables (embedding) bypass the string check.
     data = dict(data)
@@ -194,6 +220,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
                 p = {**p, "entry": f"<callable {getattr(p['entry'], '__qualname__', '?')}>"}
             processors.append(p)
         data["processors"] = processors
+    _check_names_tables(data, source)
     try:
         raw = msgspec.convert(data, ConfigFile)
     except msgspec.ValidationError as exc:

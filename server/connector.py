@@ -334,7 +334,9 @@ class ServerConnection:
         self._acked = 0
         self.dropped = 0
         self._dropped_reported = 0
-        self._writing = False  # the writer task is in send_all
+        # Items queued for the writer and not yet written; while any is, nothing may
+        # overtake them on the direct path.
+        self._unsent = 0
         self._direct = _nonblocking_twin(stream)
 
     def stop_reading(self) -> None:
@@ -542,9 +544,9 @@ class ServerConnection:
             await self._take(event.items)
         elif isinstance(event, Flush):
             self._acked = self.taken
-            await self._outbox_send.send((Ack(self.taken), 0))
+            await self._enqueue(Ack(self.taken))
         elif isinstance(event, GetMim):
-            await self._outbox_send.send((Mim(self.connector.mim.snapshot()), 0))
+            await self._enqueue(Mim(self.connector.mim.snapshot()))
         elif isinstance(event, (Bye, Closed)):
             return True
         return False
@@ -589,10 +591,10 @@ class ServerConnection:
                 len(errors),
                 errors[0],
             )
-            await self._outbox_send.send((Refused(errors), 0))
+            await self._enqueue(Refused(errors))
         if self.taken - self._acked >= ACK_EVERY:
             self._acked = self.taken
-            await self._outbox_send.send((Ack(self.taken), 0))
+            await self._enqueue(Ack(self.taken))
 
     def _take_one_by_one(self, raw: msgspec.Raw) -> tuple[list[Any], list[RecordError]]:
         """The slow path, for a batch with a bad record: keep the good ones, explain the bad."""
@@ -618,7 +620,7 @@ class ServerConnection:
     async def enqueue_records(self, frames: list[bytearray], count: int) -> None:
         """Queue records for this client; if it does not read for ``delivery_timeout``
         seconds, they are counted undeliverable and the client is told."""
-        if self._direct is not None and not self._writing and not self._outbox_used():
+        if self._direct is not None and not self._unsent:
             # The writer is idle: try to send at once, without a task switch. What the
             # socket does not take now, the writer sends.
             data = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -635,12 +637,14 @@ class ServerConnection:
                 return
             frames = [memoryview(data)[sent:]]  # type: ignore[list-item]
         item = (frames, count)
+        self._unsent += 1
         try:
             self._outbox_send.send_nowait(item)
             return
         except trio.WouldBlock:
             pass
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._unsent -= 1
             self._undeliverable(count, "the connection is closing")
             return
         timeout = self.connector.settings.delivery_timeout
@@ -648,12 +652,20 @@ class ServerConnection:
             try:
                 await self._outbox_send.send(item)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._unsent -= 1
                 self._undeliverable(count, "the connection is closing")
             return
+        self._unsent -= 1
         self._undeliverable(count, f"the client read nothing for {timeout} s")
 
-    def _outbox_used(self) -> int:
-        return self._outbox.statistics().current_buffer_used
+    async def _enqueue(self, message: Message) -> None:
+        """Queue a control message for the writer (waits while the outbox is full)."""
+        self._unsent += 1
+        try:
+            await self._outbox_send.send((message, 0))
+        except BaseException:
+            self._unsent -= 1
+            raise
 
     def close_twin(self) -> None:
         if self._direct is not None:
@@ -674,6 +686,7 @@ class ServerConnection:
             async for payload, count in outbox:
                 parts: list[Any] = []
                 size = records = 0
+                taken = 1
                 while True:
                     if count:
                         parts.extend(payload)
@@ -689,11 +702,8 @@ class ServerConnection:
                         payload, count = outbox.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                self._writing = True
-                try:
-                    await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
-                finally:
-                    self._writing = False
+                    taken += 1
+                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
                 counters.records_out += records
                 counters.bytes_out += size
                 if self.dropped > self._dropped_reported:
@@ -704,7 +714,9 @@ class ServerConnection:
                             Notice(f"{lost} record(s) for this client were undeliverable", lost)
                         )
                     )
+                self._unsent -= taken
             if self._farewell is not None:
+                self._unsent += 1  # nothing may overtake the farewell
                 await self.stream.send_all(protocol.send(self._farewell))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             lost = 0
