@@ -426,6 +426,8 @@ class Protocol:
             message = _message_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise RemoteProtocolError(f"malformed frame: {exc}") from None
+        except RecursionError:
+            raise RemoteProtocolError("malformed frame: nested too deeply") from None
         self._transition(self.peer, message, RemoteProtocolError)
         return message
 
@@ -1446,10 +1448,13 @@ class Connection:
         if self._closed is None:
             try:
                 self._send_message(Bye("client closed"))
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closed is not None, timeout or self.timeout)
-            except ConnectionClosed:
+                # Read until the server closes: closing with unread data would reset the
+                # connection, and the server could lose the last records it was sent.
+                self._wait(lambda: self._closed is not None, timeout, "close")
+            except (ConnectionClosed, Timeout):
                 pass
+            with self._cond:
+                self._closed = "closed by the client"
         self._mark_closed("closed by the client")
         self._reader.join(self.timeout)
         self._transport.close()
@@ -1521,6 +1526,7 @@ def connect(
             f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
         ) from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _keepalive(sock, timeout)
     try:
         transport: _Transport
         if tls:
@@ -1553,6 +1559,21 @@ def connect(
         linger=linger,
         max_buffered=max_buffered,
     )
+
+
+def _keepalive(sock: socket.socket, timeout: float) -> None:
+    """Notice a server that vanished without closing (a cut network, a dead host): TCP
+    keep-alive probes after ``timeout`` idle seconds make the connection fail, so no call
+    waits forever on a peer that is gone."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(timeout))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
 
 
 def _await_welcome(

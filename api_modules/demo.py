@@ -10,8 +10,6 @@ the connection it arrived on: ``connection``, ``submit``, ``submit_many``, ``flu
 only on the client.
 """
 
-from __future__ import annotations
-
 __all__ = ["double", "round_trip", "top_up"]
 
 

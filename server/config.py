@@ -60,6 +60,7 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     per_connection_routing: bool = False
     # Limits: every buffer is bounded, every wait has a deadline.
     max_frame_size: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = DEFAULT_MAX_FRAME_SIZE
+    max_nesting: Annotated[int, msgspec.Meta(ge=1, le=200)] = 32
     handshake_timeout: Seconds = 10.0
     route_buffer: Annotated[int, msgspec.Meta(ge=1)] = 16
     outbox_size: Annotated[int, msgspec.Meta(ge=1)] = 64

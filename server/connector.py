@@ -260,6 +260,20 @@ class Connector:
             await trio.aclose_forcefully(stream)
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels deep in a decoded msgpack value
+    (a flat dict is one level)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def _nonblocking_twin(stream: trio.abc.Stream) -> socket.socket | None:
     """A duplicate of a plain TCP connection's socket, for sends that must not wait: trio has
     no public "send what fits now" call. None for TLS and other streams."""
@@ -490,6 +504,9 @@ class ServerConnection:
             )
         if connector.stop_requested.is_set():
             return Refuse("shutdown", "the server is shutting down")
+        limit = connector.settings.max_nesting
+        if _nested_deeper_than(hello.metadata, limit):
+            return Refuse("protocol", f"the metadata is nested more than {limit} levels deep")
         try:
             connector.limiter.acquire_on_behalf_of_nowait(self)
             self._holds_slot = True

@@ -14,6 +14,8 @@ from typing import Any
 
 import trio
 
+from mzconnector import Namespace
+
 from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import RouteError
@@ -28,7 +30,8 @@ class ProcessorContext:
 
     ``ctx.route(route, record)`` sends a record onward; ``ctx.connection`` is the connection the
     record came from (None if it came from elsewhere); ``ctx.mim`` holds the assigned MIM values;
-    ``ctx.route_name`` is the route the record arrived on; ``ctx.log`` is a logger.
+    ``ctx.route_name`` is the route the record arrived on; ``ctx.log`` is a logger;
+    ``ctx.udrs.<Type>(...)`` builds records of the workflow's declared types.
     With connection control: ``ctx.accept(request)`` / ``ctx.reject(request, reason)``.
     With per-connection routing: ``ctx.set_output_route(connection, type_name, route)``.
     """
@@ -42,6 +45,7 @@ class ProcessorContext:
         "mim",
         "processor",
         "route_name",
+        "udrs",
         "workflow",
     )
 
@@ -52,8 +56,10 @@ class ProcessorContext:
         routes: RouteTable,
         mim: AssignedMims,
         control: ConnectionControl,
+        udrs: Namespace,
     ) -> None:
         self._control = control
+        self.udrs = udrs
         self.workflow = workflow
         self.processor = processor
         self.mim = mim
@@ -213,8 +219,11 @@ class Workflow:
         self.routes = routes
         self.mim = mim
         self.runners: list[ProcessorRunner] = []
+        udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
-            ctx = ProcessorContext(config.workflow, processor.name, routes, mim.assigned, control)
+            ctx = ProcessorContext(
+                config.workflow, processor.name, routes, mim.assigned, control, udrs
+            )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:
                 routes.bind(route, runner.accept)
