@@ -37,6 +37,7 @@ Exceptions::
 """
 
 from __future__ import annotations
+import __future__
 
 import collections
 import datetime
@@ -78,6 +79,7 @@ __all__ = [
     "RemoteProtocolError",
     "SchemaError",
     "Timeout",
+    "UnloadableObject",
     "connect",
 ]
 
@@ -531,7 +533,7 @@ def parse_type(text: str, records: Mapping[str, Any]) -> Any:
         non_none = [p for p in parts if p is not type(None)]
         if len(parts) != 2 or len(non_none) != 1:
             raise SchemaError(f"in type {text!r}: only 'T | None' unions are supported")
-        return Optional[non_none[0]]
+        return Optional[non_none[0]]  # noqa: UP045 - a runtime type, not an annotation
 
     def atom() -> Any:
         nonlocal pos
@@ -582,40 +584,35 @@ def build_record_types(
     Raises ``SchemaError`` naming the type and field for anything that cannot be built.
     """
     for name, fields in schema.items():
-        if (
-            not _IDENT.match(name)
-            or keyword.iskeyword(name)
-            or name in _SCALARS
-            or name
-            in (
-                "list",
-                "dict",
-                "None",
-                "bytes",
-            )
-        ):
+        reserved = name in _SCALARS or name in ("list", "dict", "None")
+        if not _IDENT.match(name) or keyword.iskeyword(name) or reserved:
             raise SchemaError(f"{name!r} cannot be a record type name")
+        if name.startswith("_"):  # e.g. "__pickled__", the tag of Pickled
+            raise SchemaError(f"{name!r} cannot be a record type name (it starts with '_')")
         for field in fields:
             if not _IDENT.match(field) or keyword.iskeyword(field) or field.startswith("_"):
                 raise SchemaError(f"{name}.{field}: not a valid field name")
     # Build nested types first; a cycle cannot be expressed as a tree of records.
     order: list[str] = []
-    visiting: list[str] = []
+    visiting: list[str] = []  # the path being followed: "Type.field" steps
+    names: list[str] = []
 
     def visit(name: str) -> None:
         if name in order:
             return
-        if name in visiting:
-            cycle = " -> ".join([*visiting[visiting.index(name) :], name])
+        if name in names:
+            start = names.index(name)
+            cycle = " -> ".join([*visiting[start:], name])
             raise SchemaError(f"record types refer to each other in a cycle: {cycle}")
-        visiting.append(name)
+        names.append(name)
         for field, text in schema[name].items():
             for ref in _references(text):
-                if ref in schema:
-                    visit(ref)
-                else:
+                if ref not in schema:
                     raise SchemaError(f"{name}.{field}: unknown type {ref!r} in {text!r}")
-        visiting.pop()
+                visiting.append(f"{name}.{field}")
+                visit(ref)
+                visiting.pop()
+        names.pop()
         order.append(name)
 
     for name in schema:
@@ -728,16 +725,25 @@ def api_exports(module: types.ModuleType) -> list[str]:
         missing = [n for n in exported if not hasattr(module, n)]
         if missing:
             raise MZConnectorError(
-                f"API module {module.__name__!r} lists {missing} in __all__ but does not define them"
+                f"API module {module.__name__!r} lists {missing} in __all__ "
+                "but does not define them"
             )
         return list(exported)
     return [
         name
         for name, value in vars(module).items()
-        if not name.startswith("_")
-        and name not in API_PROVIDED
-        and not isinstance(value, types.ModuleType)
+        if not name.startswith("_") and name not in API_PROVIDED and _defined_in(value, module)
     ]
+
+
+def _defined_in(value: Any, module: types.ModuleType) -> bool:
+    """Whether a module's global is its own, not an import (a module, a function or class from
+    elsewhere, a ``from __future__`` feature)."""
+    if isinstance(value, (types.ModuleType, __future__._Feature)):
+        return False
+    owner = getattr(value, "__module__", None)
+    is_def = isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType))
+    return not is_def or owner == module.__name__
 
 
 class Namespace:
@@ -929,6 +935,93 @@ def _describe_tls_error(exc: ssl.SSLError, where: str) -> str:
     return f"TLS handshake failed: {exc}"
 
 
+class UnloadableObject:
+    """An object the workflow sent that cannot be unpickled here (often: its class was
+    defined in a workflow file, which needs ``cloudpickle`` installed to load). ``load()``
+    tries again, e.g. after ``pip install cloudpickle``."""
+
+    def __init__(self, data: bytes, error: str) -> None:
+        self.data = data
+        self.error = error
+
+    def load(self) -> Any:
+        return pickle.loads(self.data)
+
+    def __repr__(self) -> str:
+        return f"<UnloadableObject ({len(self.data)} bytes): {self.error}>"
+
+
+def _decode_items(decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> list[Any]:
+    """The records of a ``Records`` message, with pickled objects loaded."""
+    items = decoder.decode(raw)
+    for i, item in enumerate(items):
+        if type(item) is Pickled:
+            try:
+                items[i] = pickle.loads(item.data)
+            except Exception as exc:
+                items[i] = UnloadableObject(item.data, f"{type(exc).__name__}: {exc}")
+    return items
+
+
+class _Ledger:
+    """What a client has sent, for acknowledgements and for ``unacknowledged``: the batches
+    sent and not yet acknowledged, and the records it refused itself (too large for a frame),
+    so that the server's record numbers map back to the order of ``submit``."""
+
+    def __init__(self, codec: RecordCodec, max_frame_size: int) -> None:
+        self.codec = codec
+        self.max_frame_size = max_frame_size
+        self.sent = 0  # records sent to the server
+        self.unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self.refused_here: list[int] = []  # submit indices of records refused by the client
+
+    def frames(self, records: list[Any]) -> tuple[list[bytearray], list[RecordError]]:
+        """Frames for a batch, which is then counted as sent; records too large for any frame
+        are left out and returned as errors."""
+        errors: list[RecordError] = []
+        try:
+            frames = encode_record_frames(records, self.max_frame_size)
+        except LocalProtocolError:
+            limit = self.max_frame_size - 64
+            first = self.sent + len(self.refused_here)
+            kept = []
+            for i, record in enumerate(records):
+                size = len(_encoder.encode(record))
+                if size <= limit:
+                    kept.append(record)
+                    continue
+                name = self.codec.by_class.get(type(record), type(record).__name__)
+                self.refused_here.append(first + i)
+                message = f"{size} bytes encoded; the server takes at most {limit} bytes a record"
+                errors.append(RecordError(first + i, name, None, message))
+            records = kept
+            frames = encode_record_frames(kept, self.max_frame_size) if kept else []
+        if records:
+            self.sent += len(records)
+            self.unacked.append((self.sent, records))
+        return frames, errors
+
+    def ack(self, taken: int) -> None:
+        while self.unacked and self.unacked[0][0] <= taken:
+            self.unacked.popleft()
+
+    def in_submit_order(self, errors: list[RecordError]) -> list[RecordError]:
+        """The server numbers the records it received; renumber them in submit order."""
+        if not self.refused_here:
+            return errors
+        out = []
+        for error in errors:
+            index = error.index
+            for refused in self.refused_here:
+                if refused <= index:
+                    index += 1
+            out.append(msgspec.structs.replace(error, index=index))
+        return out
+
+    def unacknowledged(self) -> list[Any]:
+        return [r for _, batch in self.unacked for r in batch]
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Connection: the blocking client
 # ---------------------------------------------------------------------------------------------
@@ -970,6 +1063,7 @@ class Connection:
     ) -> None:
         self._transport = transport
         self._protocol = protocol
+        protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
         self.connection_id = welcome.connection_id
         self.workflow = welcome.workflow
         self.timeout = timeout
@@ -989,8 +1083,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._buf: list[Any] = []
         self._buf_bytes = 0
-        self._sent = 0
-        self._unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self._ledger = _Ledger(self._codec, welcome.max_frame_size)
         self._first_at = 0.0  # when the oldest buffered record was submitted
         self._linger_armed = threading.Event()
 
@@ -1034,7 +1127,10 @@ class Connection:
 
     def __repr__(self) -> str:
         state = f"closed: {self._closed}" if self._closed else "open"
-        return f"<mzconnector.Connection #{self.connection_id} to workflow {self.workflow!r} ({state})>"
+        return (
+            f"<mzconnector.Connection #{self.connection_id} to workflow {self.workflow!r} "
+            f"({state})>"
+        )
 
     @property
     def closed(self) -> bool:
@@ -1051,8 +1147,7 @@ class Connection:
 
     def _unacknowledged(self) -> list[Any]:
         with self._send_lock:
-            pending = [r for _, batch in self._unacked for r in batch] + self._buf
-        return pending
+            return self._ledger.unacknowledged() + self._buf
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, record: Any) -> None:
@@ -1092,9 +1187,9 @@ class Connection:
                 with self._send_lock:
                     for record in chunk:
                         self._buf.append(record)
-                        if type(record) is not bytes or not self._add_bytes(len(record)):
-                            if len(self._buf) >= self._batch_size:
-                                self._send_buffer()
+                        is_big_bytes = type(record) is bytes and self._add_bytes(len(record))
+                        if not is_big_bytes and len(self._buf) >= self._batch_size:
+                            self._send_buffer()
                     if self._buf and not self._linger_armed.is_set():
                         self._first_at = time.monotonic()
                         self._linger_armed.set()
@@ -1121,7 +1216,8 @@ class Connection:
         if isinstance(record, msgspec.Struct) and type(record) not in self._codec.by_class:
             hint = " (build records with conn.udrs.<Type>(...))"
         return NotAccepted(
-            f"the connector does not accept {name!r}; it accepts: {accepted}{hint}. Nothing was sent."
+            f"the connector does not accept {name!r}; it accepts: {accepted}{hint}. "
+            "Nothing was sent."
         )
 
     def _send_buffer(self) -> None:
@@ -1131,45 +1227,19 @@ class Connection:
             return
         self._buf = []
         self._buf_bytes = 0
-        try:
-            frames = encode_record_frames(records, self._protocol.max_frame_size)
-        except LocalProtocolError:
-            records, frames = self._drop_oversized(records)
+        frames, errors = self._ledger.frames(records)
+        if errors:
+            with self._cond:
+                self._errors.extend(errors)
         try:
             for frame in frames:
                 self._transport.send(frame)
         except OSError as exc:
-            self._sent += len(records)
-            self._unacked.append((self._sent, records))
             self._mark_closed(f"lost the connection while sending: {exc}")
             raise ConnectionClosed(self._closed or "", self._unacknowledged_locked()) from exc
-        self._sent += len(records)
-        self._unacked.append((self._sent, records))
-
-    def _drop_oversized(self, records: list[Any]) -> tuple[list[Any], list[bytearray]]:
-        """Take records too large for any frame out of a batch; report them as refused."""
-        limit = self._protocol.max_frame_size - 64
-        kept = []
-        with self._cond:
-            for i, record in enumerate(records):
-                size = len(_encoder.encode(record))
-                if size <= limit:
-                    kept.append(record)
-                    continue
-                name = self._codec.by_class.get(type(record), type(record).__name__)
-                self._errors.append(
-                    RecordError(
-                        self._sent + i,
-                        name,
-                        None,
-                        f"{size} bytes encoded; the server takes at most {limit} bytes per record",
-                    )
-                )
-        frames = encode_record_frames(kept, self._protocol.max_frame_size) if kept else []
-        return kept, frames
 
     def _unacknowledged_locked(self) -> list[Any]:
-        return [r for _, batch in self._unacked for r in batch] + self._buf
+        return self._ledger.unacknowledged() + self._buf
 
     def _send_message(self, message: Message) -> None:
         with self._send_lock:
@@ -1208,7 +1278,7 @@ class Connection:
         each record to its route). Raises ``RecordRefused`` if it refused any."""
         self._check()
         with self._send_lock:
-            target = self._sent + len(self._buf)
+            target = self._ledger.sent + len(self._buf)
         self._send_message(Flush())
         self._wait(lambda: self._acked >= target or bool(self._errors), timeout, "flush")
         self._check()
@@ -1385,10 +1455,7 @@ class Connection:
     def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the connection is over."""
         if isinstance(event, Records):
-            items = self._decoder.decode(event.items)
-            for i, item in enumerate(items):
-                if type(item) is Pickled:
-                    items[i] = pickle.loads(item.data)
+            items = _decode_items(self._decoder, event.items)
             with self._cond:
                 # The background reader stops at the bound (the server then holds records
                 # back); a call that waits for the server reads on regardless.
@@ -1403,14 +1470,15 @@ class Connection:
                 self._cond.notify_all()
         elif isinstance(event, Ack):
             with self._send_lock:
-                while self._unacked and self._unacked[0][0] <= event.taken:
-                    self._unacked.popleft()
+                self._ledger.ack(event.taken)
             with self._cond:
                 self._acked = event.taken
                 self._cond.notify_all()
         elif isinstance(event, Refused):
+            with self._send_lock:
+                errors = self._ledger.in_submit_order(event.errors)
             with self._cond:
-                self._errors.extend(event.errors)
+                self._errors.extend(errors)
                 self._cond.notify_all()
         elif isinstance(event, Mim):
             with self._cond:
@@ -2093,6 +2161,7 @@ class AsyncConnection:
     ) -> None:
         self._stream = stream
         self._protocol = protocol
+        protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
         self.connection_id = welcome.connection_id
         self.workflow = welcome.workflow
         self.timeout = timeout
@@ -2107,8 +2176,7 @@ class AsyncConnection:
         self._send_lock = stream.lock()
         self._read_lock = stream.lock()
         self._buf: list[Any] = []
-        self._sent = 0
-        self._unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self._ledger = _Ledger(self._codec, welcome.max_frame_size)
         self._inbox: collections.deque[Any] = collections.deque()
         self._acked = 0
         self._errors: list[RecordError] = []
@@ -2163,7 +2231,7 @@ class AsyncConnection:
             raise ConnectionClosed(self._closed, self._unacknowledged())
 
     def _unacknowledged(self) -> list[Any]:
-        return [r for _, batch in self._unacked for r in batch] + self._buf
+        return self._ledger.unacknowledged() + self._buf
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, record: Any) -> None:
@@ -2212,7 +2280,7 @@ class AsyncConnection:
         ``RecordRefused`` if it refused any, ``Timeout`` after ``timeout`` seconds."""
         self._check()
         await self._send(Flush())
-        target = self._sent
+        target = self._ledger.sent
         await self._wait(lambda: self._acked >= target or bool(self._errors), "flush")
         self._check()
 
@@ -2222,33 +2290,13 @@ class AsyncConnection:
             while self._buf:
                 chunk = self._buf[: self._batch_size]
                 del self._buf[: len(chunk)]
-                try:
-                    frames = encode_record_frames(chunk, self._protocol.max_frame_size)
-                except LocalProtocolError:
-                    chunk = self._drop_oversized(chunk)
-                    if not chunk:
-                        continue
-                    frames = encode_record_frames(chunk, self._protocol.max_frame_size)
-                self._sent += len(chunk)
-                self._unacked.append((self._sent, chunk))
+                frames, errors = self._ledger.frames(chunk)
+                self._errors.extend(errors)
+                if not frames:
+                    continue
                 await self._send_data(frames[0] if len(frames) == 1 else b"".join(frames))
             if message is not None:
                 await self._send_data(self._protocol.send(message))
-
-    def _drop_oversized(self, records: list[Any]) -> list[Any]:
-        """Take records too large for any frame out of a batch; report them as refused (the
-        next ``flush`` raises ``RecordRefused``)."""
-        limit = self._protocol.max_frame_size - 64
-        kept = []
-        for i, record in enumerate(records):
-            size = len(_encoder.encode(record))
-            if size <= limit:
-                kept.append(record)
-                continue
-            name = self._codec.by_class.get(type(record), type(record).__name__)
-            message = f"{size} bytes encoded; the server takes at most {limit} bytes per record"
-            self._errors.append(RecordError(self._sent + i, name, None, message))
-        return kept
 
     async def _send_data(self, data: bytes | bytearray) -> None:
         if self._closed is not None:
@@ -2335,17 +2383,12 @@ class AsyncConnection:
     def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the connection is over."""
         if isinstance(event, Records):
-            items = self._decoder.decode(event.items)
-            for i, item in enumerate(items):
-                if type(item) is Pickled:
-                    items[i] = pickle.loads(item.data)
-            self._inbox.extend(items)
+            self._inbox.extend(_decode_items(self._decoder, event.items))
         elif isinstance(event, Ack):
-            while self._unacked and self._unacked[0][0] <= event.taken:
-                self._unacked.popleft()
+            self._ledger.ack(event.taken)
             self._acked = event.taken
         elif isinstance(event, Refused):
-            self._errors.extend(event.errors)
+            self._errors.extend(self._ledger.in_submit_order(event.errors))
         elif isinstance(event, Mim):
             self._mim_replies.append(event.values)
         elif isinstance(event, Notice):

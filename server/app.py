@@ -79,8 +79,13 @@ async def serve(
             await nursery.start(connector.serve, listeners)
             log.info("workflow %r listening on %s:%d", config.workflow, server.host, server.port)
             task_status.started(server)
-            await server._stop.wait()
-            await _graceful_stop(config, connector, routes)
+            try:
+                await server._stop.wait()
+                await _graceful_stop(config, connector, routes)
+            except BaseException:
+                # Cancelled: stop at once, including work shielded for a graceful stop.
+                connector.abort()
+                raise
             nursery.cancel_scope.cancel()
     finally:
         server._stopped.set()

@@ -24,7 +24,16 @@ import cloudpickle
 import msgspec
 import tomli
 
-from mzconnector import DEFAULT_MAX_FRAME_SIZE, ApiModule, RecordCodec, SchemaError, parse_type
+from mzconnector import (
+    DEFAULT_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    ApiModule,
+    RecordCodec,
+    SchemaError,
+    Welcome,
+    encode_frame,
+    parse_type,
+)
 
 from .api_modules import exported_names, load_api_module
 from .errors import ConfigError
@@ -257,6 +266,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         for i, ref in enumerate(raw.api.modules)
     )
     _check_api_names(api_modules, source)
+    _check_welcome_fits(raw, api_modules, source)
 
     return Config(
         source=source,
@@ -383,6 +393,28 @@ def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext |
     return context
 
 
+def _check_welcome_fits(raw: ConfigFile, modules: tuple[ApiModule, ...], source: str) -> None:
+    """Clients learn the schema and the API modules in one frame: it must fit."""
+    welcome = Welcome(
+        protocol=PROTOCOL_VERSION,
+        connection_id=2**62,
+        workflow=raw.workflow.name,
+        schema={name: dict(fields) for name, fields in raw.types.items()},
+        accepted=list(raw.connector.accepted_types),
+        api=list(modules),
+        max_frame_size=raw.connector.max_frame_size,
+        server="mzserver",
+    )
+    size = len(encode_frame(welcome)) - 4 + 64
+    if size > raw.connector.max_frame_size:
+        raise ConfigError(
+            source,
+            "connector.max_frame_size",
+            f"{raw.connector.max_frame_size} bytes is too small for the schema and API modules "
+            f"clients receive at connect ({size} bytes)",
+        )
+
+
 def _check_api_names(modules: tuple[ApiModule, ...], source: str) -> None:
     owner: dict[str, str] = {}
     for i, module in enumerate(modules):
@@ -427,7 +459,8 @@ def _import_file(path: Path) -> Any:
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

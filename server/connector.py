@@ -396,7 +396,6 @@ class ServerConnection:
             log.info("connection %d from %s refused: %s", self.id, self.peer, refusal.reason)
             await self._send_now(refusal)
             return False
-        await self._send_now(connector.welcome(connection_id=self.id))
         return True
 
     async def _ask_workflow(self) -> Refuse | None:
@@ -423,13 +422,17 @@ class ServerConnection:
     async def _serve(self) -> None:
         """The open connection: a writer task, and the reader in this one."""
         connector = self.connector
-        connector.connections[self.id] = self
-        self.counters.connections_accepted += 1
-        self.counters.connections_open += 1
+        counters = self.counters
         assert self.info is not None
+        # Registered before the Welcome is queued, and nothing overtakes the Welcome: a client
+        # never misses a broadcast made after it was told it is connected.
+        connector.connections[self.id] = self
+        counters.connections_accepted += 1
+        counters.connections_open += 1
         log.info("connection %d from %s (%s) open", self.id, self.peer, self.info.name or "unnamed")
         reason = "the client closed the connection"
         try:
+            await self._enqueue(connector.welcome(connection_id=self.id))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop)
                 try:
@@ -441,10 +444,11 @@ class ServerConnection:
                         self._farewell = Bye("the server is shutting down")
                         await connector.drained.wait()
                 finally:
-                    del connector.connections[self.id]
-                    self.counters.connections_open -= 1
+                    connector.connections.pop(self.id, None)  # no more records for it
                     self._outbox_send.close()
         finally:
+            connector.connections.pop(self.id, None)
+            counters.connections_open -= 1
             log.info("connection %d from %s closed: %s", self.id, self.peer, reason)
 
     async def _tell_workflow_ended(self, reason: str) -> None:
@@ -500,7 +504,8 @@ class ServerConnection:
         if hello.protocol != PROTOCOL_VERSION:
             return Refuse(
                 "protocol",
-                f"this server speaks protocol {PROTOCOL_VERSION}; the client speaks {hello.protocol}",
+                f"this server speaks protocol {PROTOCOL_VERSION}; "
+                f"the client speaks {hello.protocol}",
             )
         if connector.stop_requested.is_set():
             return Refuse("shutdown", "the server is shutting down")
@@ -523,6 +528,7 @@ class ServerConnection:
         try:
             data = self.protocol.send(message)
         except Exception:
+            log.exception("connection %d from %s: cannot send %s", self.id, self.peer, message)
             return
         with trio.move_on_after(self.connector.settings.handshake_timeout):
             try:

@@ -159,7 +159,7 @@ def test_connection_control(start_server: Callable[..., ServerProcess], tmp_path
     with pytest.raises(mzconnector.ConnectionRejected) as rejected:
         mzconnector.connect(server.host, server.port, name="mallory", metadata={"token": "guess"})
     assert rejected.value.reason == "bad token for mallory"
-    with pytest.raises(mzconnector.ConnectionRejected, match="no decision within 1.0 s"):
+    with pytest.raises(mzconnector.ConnectionRejected, match=r"no decision within 1\.0 s"):
         mzconnector.connect(server.host, server.port, name="quiet", metadata={"token": "silent"})
     with mzconnector.connect(
         server.host, server.port, name="alice", metadata={"token": "secret", "team": "a"}
