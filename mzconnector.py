@@ -1027,6 +1027,119 @@ class _Ledger:
 # ---------------------------------------------------------------------------------------------
 
 
+def _load_api_namespace(
+    modules: list[ApiModule], provided: Mapping[str, Any]
+) -> tuple[Namespace, dict[str, types.ModuleType]]:
+    """Run server-shipped API modules, each in a fresh module with the ``provided`` names."""
+    members: dict[str, Any] = {}
+    loaded: dict[str, types.ModuleType] = {}
+    for spec in modules:
+        module = types.ModuleType(spec.name, None)
+        filename = f"<mzconnector api {spec.name}>"
+        module.__file__ = filename
+        vars(module).update(provided)
+        # Register the source so tracebacks, inspect and help() can show it.
+        lines = spec.source.splitlines(keepends=True)
+        linecache.cache[filename] = (len(spec.source), None, lines, filename)
+        exec(compile(spec.source, filename, "exec"), vars(module))
+        for name in api_exports(module):
+            members[name] = getattr(module, name)
+        loaded[spec.name] = module
+    return Namespace("API", members), loaded
+
+
+class _ClientBase:
+    """What the blocking and the async connection share, without I/O or locks: the record
+    types and API modules the server announced, what it accepts, the ledger of what was sent,
+    and what the server's messages change. Each front end adds its I/O and its locking."""
+
+    def __init__(self, protocol: Protocol, welcome: Welcome, *, timeout: float) -> None:
+        self._protocol = protocol
+        protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
+        self.connection_id = welcome.connection_id
+        self.workflow = welcome.workflow
+        self.timeout = timeout
+        self._codec = RecordCodec(welcome.schema)
+        self.accepted = tuple(welcome.accepted)
+        self._accepted_classes = frozenset(
+            [bytes, bytearray, memoryview] if "bytes" in welcome.accepted else []
+        ) | {self._codec.types[n] for n in welcome.accepted if n != "bytes"}
+        self._decoder = self._codec.decoder([*welcome.schema, "bytes"], pickled=True)
+        self.udrs = Namespace("record types", self._codec.types)
+        self._buf: list[Any] = []
+        self._ledger = _Ledger(self._codec, welcome.max_frame_size)
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._acked = 0
+        self._errors: list[RecordError] = []
+        self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
+        self._closed: str | None = None
+        self.dropped = 0
+        self.api = Namespace("API", {})
+        self.api_modules: dict[str, types.ModuleType] = {}
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed}" if self._closed else "open"
+        return (
+            f"<mzconnector.{type(self).__name__} #{self.connection_id} to workflow "
+            f"{self.workflow!r} ({state})>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def _load_api(self, modules: list[ApiModule]) -> None:
+        provided = {
+            "connection": self,
+            "submit": self.submit,  # type: ignore[attr-defined]
+            "submit_many": self.submit_many,  # type: ignore[attr-defined]
+            "flush": self.flush,  # type: ignore[attr-defined]
+            "receive": self.receive,  # type: ignore[attr-defined]
+            "udrs": self.udrs,
+            "mim": self.mim,  # type: ignore[attr-defined]
+        }
+        self.api, self.api_modules = _load_api_namespace(modules, provided)
+
+    def _not_accepted(self, record: Any) -> NotAccepted:
+        name = self._codec.by_class.get(type(record), type(record).__name__)
+        accepted = ", ".join(self.accepted) or "nothing"
+        hint = ""
+        if isinstance(record, msgspec.Struct) and type(record) not in self._codec.by_class:
+            hint = " (build records with conn.udrs.<Type>(...))"
+        return NotAccepted(
+            f"the connector does not accept {name!r}; it accepts: {accepted}{hint}. "
+            "Nothing was sent."
+        )
+
+    def _apply(self, event: Any) -> bool:
+        """Apply what the server said (anything but records); True when the connection is
+        over. The caller holds whatever guards the state."""
+        if isinstance(event, Ack):
+            self._ledger.ack(event.taken)
+            self._acked = event.taken
+        elif isinstance(event, Refused):
+            self._errors.extend(self._ledger.in_submit_order(event.errors))
+        elif isinstance(event, Mim):
+            self._mim_replies.append(event.values)
+        elif isinstance(event, Notice):
+            self.dropped += event.dropped
+            warnings.warn(f"mzconnector: {event.message}", RuntimeWarning, stacklevel=1)
+        elif isinstance(event, Bye):
+            self._mark_closed(f"the server closed the connection: {event.reason or 'bye'}")
+            return True
+        elif isinstance(event, Error):
+            self._mark_closed(f"the server reported an error: {event.message}")
+            return True
+        elif isinstance(event, Closed):
+            self._mark_closed("the server closed the connection")
+            return True
+        return False
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+
+
 class MimValues(dict):  # type: ignore[type-arg]
     """MIM values, name -> value: a dict that shows as a table in Jupyter."""
 
@@ -1041,7 +1154,7 @@ class MimValues(dict):  # type: ignore[type-arg]
         return f"<table><thead><tr><th>MIM</th><th>value</th></tr></thead>{rows}</table>"
 
 
-class Connection:
+class Connection(_ClientBase):
     """A connection to a connector server. Make one with ``connect()``; use it in a ``with``.
 
     Records you ``submit`` are buffered and sent in batches (when ``batch_size`` records
@@ -1061,42 +1174,20 @@ class Connection:
         linger: float,
         max_buffered: int,
     ) -> None:
+        super().__init__(protocol, welcome, timeout=timeout)
         self._transport = transport
-        self._protocol = protocol
-        protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
-        self.connection_id = welcome.connection_id
-        self.workflow = welcome.workflow
-        self.timeout = timeout
         self._batch_size = batch_size
         self._batch_bytes = min(1 << 20, welcome.max_frame_size // 4)
         self._linger = linger
         self._max_buffered = max_buffered
-        self._codec = RecordCodec(welcome.schema)
-        self.accepted = tuple(welcome.accepted)
-        self._accepted_classes = frozenset(
-            [bytes, bytearray, memoryview] if "bytes" in welcome.accepted else []
-        ) | {self._codec.types[n] for n in welcome.accepted if n != "bytes"}
-        self._decoder = self._codec.decoder([*welcome.schema, "bytes"], pickled=True)
-        self.udrs = Namespace("record types", self._codec.types)
-
-        # Send side (guarded by _send_lock).
+        # The send side (_buf, _ledger) is guarded by _send_lock; the receive side by _cond.
+        # Where both are needed, _send_lock is taken first.
         self._send_lock = threading.Lock()
-        self._buf: list[Any] = []
         self._buf_bytes = 0
-        self._ledger = _Ledger(self._codec, welcome.max_frame_size)
         self._first_at = 0.0  # when the oldest buffered record was submitted
         self._linger_armed = threading.Event()
-
-        # Receive side (guarded by _cond); written by the reader thread.
         self._cond = threading.Condition()
-        self._inbox: collections.deque[Any] = collections.deque()
-        self._acked = 0
-        self._errors: list[RecordError] = []
-        self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
-        self._mim_waiting = 0
-        self._closed: str | None = None
         self._closing = threading.Event()
-        self.dropped = 0
         # Who reads the socket (see "reading" below).
         self._owner: Any = None
         self._reading = False
@@ -1104,9 +1195,6 @@ class Connection:
         self._fg_last = 0.0
         self._steal_requested = False
         self._wake_r, self._wake_w = socket.socketpair()
-
-        self.api = Namespace("API", {})
-        self.api_modules: dict[str, types.ModuleType] = {}
         self._load_api(welcome.api)
 
         self._reader = threading.Thread(
@@ -1124,17 +1212,6 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        state = f"closed: {self._closed}" if self._closed else "open"
-        return (
-            f"<mzconnector.Connection #{self.connection_id} to workflow {self.workflow!r} "
-            f"({state})>"
-        )
-
-    @property
-    def closed(self) -> bool:
-        return self._closed is not None
 
     def _check(self) -> None:
         """Raise what the server told us since the last call."""
@@ -1208,17 +1285,6 @@ class Connection:
             self._send_buffer()
             return True
         return False
-
-    def _not_accepted(self, record: Any) -> NotAccepted:
-        name = self._codec.by_class.get(type(record), type(record).__name__)
-        accepted = ", ".join(self.accepted) or "nothing"
-        hint = ""
-        if isinstance(record, msgspec.Struct) and type(record) not in self._codec.by_class:
-            hint = " (build records with conn.udrs.<Type>(...))"
-        return NotAccepted(
-            f"the connector does not accept {name!r}; it accepts: {accepted}{hint}. "
-            "Nothing was sent."
-        )
 
     def _send_buffer(self) -> None:
         """Send what ``submit`` buffered. Holds _send_lock."""
@@ -1333,16 +1399,10 @@ class Connection:
     def mim(self, timeout: float | None = None) -> MimValues:
         """The workflow's MIM values now: built-in counters and assigned values."""
         self._check()
+        self._send_message(GetMim())
+        self._wait(lambda: bool(self._mim_replies), timeout, "mim")
         with self._cond:
-            self._mim_waiting += 1
-        try:
-            self._send_message(GetMim())
-            self._wait(lambda: bool(self._mim_replies), timeout, "mim")
-            with self._cond:
-                return MimValues(self._mim_replies.popleft())
-        finally:
-            with self._cond:
-                self._mim_waiting -= 1
+            return MimValues(self._mim_replies.popleft())
 
     # -- reading ----------------------------------------------------------------------------
     #
@@ -1365,12 +1425,10 @@ class Connection:
             while True:
                 with cond:
                     while True:
-                        if ready():
+                        if ready() or (self._closed is not None and self._errors):
                             return
                         if self._closed is not None:
-                            if self._errors:
-                                return
-                            raise ConnectionClosed(self._closed, self._unacknowledged())
+                            break
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
                             raise Timeout(f"{what}: no answer from the server within {timeout} s")
@@ -1384,6 +1442,8 @@ class Connection:
                             self._wake_w.send(b"\0")
                             cond.notify_all()  # in case the reader waits for inbox space
                         cond.wait(remaining)
+                if self._closed is not None:  # (the ledger is not read under _cond)
+                    raise ConnectionClosed(self._closed, self._unacknowledged())
                 try:
                     self._read_once(remaining)
                 finally:
@@ -1454,48 +1514,24 @@ class Connection:
 
     def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the connection is over."""
-        if isinstance(event, Records):
-            items = _decode_items(self._decoder, event.items)
-            with self._cond:
-                # The background reader stops at the bound (the server then holds records
-                # back); a call that waits for the server reads on regardless.
-                while (
-                    len(self._inbox) >= self._max_buffered
-                    and self._closed is None
-                    and self._owner == "bg"
-                    and not self._fg_calls
-                ):
-                    self._cond.wait()
-                self._inbox.extend(items)
+        if not isinstance(event, Records):
+            with self._send_lock, self._cond:
+                over = self._apply(event)
                 self._cond.notify_all()
-        elif isinstance(event, Ack):
-            with self._send_lock:
-                self._ledger.ack(event.taken)
-            with self._cond:
-                self._acked = event.taken
-                self._cond.notify_all()
-        elif isinstance(event, Refused):
-            with self._send_lock:
-                errors = self._ledger.in_submit_order(event.errors)
-            with self._cond:
-                self._errors.extend(errors)
-                self._cond.notify_all()
-        elif isinstance(event, Mim):
-            with self._cond:
-                self._mim_replies.append(event.values)
-                self._cond.notify_all()
-        elif isinstance(event, Notice):
-            self.dropped += event.dropped
-            warnings.warn(f"mzconnector: {event.message}", RuntimeWarning, stacklevel=1)
-        elif isinstance(event, Bye):
-            self._mark_closed(f"the server closed the connection: {event.reason or 'bye'}")
-            return True
-        elif isinstance(event, Error):
-            self._mark_closed(f"the server reported an error: {event.message}")
-            return True
-        elif isinstance(event, Closed):
-            self._mark_closed("the server closed the connection")
-            return True
+            return over
+        items = _decode_items(self._decoder, event.items)
+        with self._cond:
+            # The background reader stops at the bound (the server then holds records
+            # back); a call that waits for the server reads on regardless.
+            while (
+                len(self._inbox) >= self._max_buffered
+                and self._closed is None
+                and self._owner == "bg"
+                and not self._fg_calls
+            ):
+                self._cond.wait()
+            self._inbox.extend(items)
+            self._cond.notify_all()
         return False
 
     def _mark_closed(self, reason: str) -> None:
@@ -1528,32 +1564,6 @@ class Connection:
         self._transport.close()
         self._wake_r.close()
         self._wake_w.close()
-
-    # -- API modules ------------------------------------------------------------------------
-    def _load_api(self, modules: list[ApiModule]) -> None:
-        provided = {
-            "connection": self,
-            "submit": self.submit,
-            "submit_many": self.submit_many,
-            "flush": self.flush,
-            "receive": self.receive,
-            "udrs": self.udrs,
-            "mim": self.mim,
-        }
-        members: dict[str, Any] = {}
-        for spec in modules:
-            module = types.ModuleType(spec.name, None)
-            filename = f"<mzconnector api {spec.name}>"
-            module.__file__ = filename
-            vars(module).update(provided)
-            # Register the source so tracebacks, inspect and help() can show it.
-            lines = spec.source.splitlines(keepends=True)
-            linecache.cache[filename] = (len(spec.source), None, lines, filename)
-            exec(compile(spec.source, filename, "exec"), vars(module))
-            for name in api_exports(module):
-                members[name] = getattr(module, name)
-            self.api_modules[spec.name] = module
-        self.api = Namespace("API", members)
 
 
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -2115,28 +2125,7 @@ def _welcome_or_raise(event: Any, where: str) -> Welcome:
     raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")
 
 
-def _load_api_namespace(
-    modules: list[ApiModule], provided: Mapping[str, Any]
-) -> tuple[Namespace, dict[str, types.ModuleType]]:
-    """Run server-shipped API modules, each in a fresh module with the ``provided`` names."""
-    members: dict[str, Any] = {}
-    loaded: dict[str, types.ModuleType] = {}
-    for spec in modules:
-        module = types.ModuleType(spec.name, None)
-        filename = f"<mzconnector api {spec.name}>"
-        module.__file__ = filename
-        vars(module).update(provided)
-        # Register the source so tracebacks, inspect and help() can show it.
-        lines = spec.source.splitlines(keepends=True)
-        linecache.cache[filename] = (len(spec.source), None, lines, filename)
-        exec(compile(spec.source, filename, "exec"), vars(module))
-        for name in api_exports(module):
-            members[name] = getattr(module, name)
-        loaded[spec.name] = module
-    return Namespace("API", members), loaded
-
-
-class AsyncConnection:
+class AsyncConnection(_ClientBase):
     """An async connection to a connector server. Make one with ``await connect_async()``; use
     it in an ``async with`` (or ``await conn.aclose()``).
 
@@ -2159,40 +2148,12 @@ class AsyncConnection:
         timeout: float,
         batch_size: int,
     ) -> None:
+        super().__init__(protocol, welcome, timeout=timeout)
         self._stream = stream
-        self._protocol = protocol
-        protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
-        self.connection_id = welcome.connection_id
-        self.workflow = welcome.workflow
-        self.timeout = timeout
         self._batch_size = max(1, batch_size)
-        self._codec = RecordCodec(welcome.schema)
-        self.accepted = tuple(welcome.accepted)
-        self._accepted_classes = frozenset(
-            [bytes, bytearray, memoryview] if "bytes" in welcome.accepted else []
-        ) | {self._codec.types[n] for n in welcome.accepted if n != "bytes"}
-        self._decoder = self._codec.decoder([*welcome.schema, "bytes"], pickled=True)
-        self.udrs = Namespace("record types", self._codec.types)
         self._send_lock = stream.lock()
         self._read_lock = stream.lock()
-        self._buf: list[Any] = []
-        self._ledger = _Ledger(self._codec, welcome.max_frame_size)
-        self._inbox: collections.deque[Any] = collections.deque()
-        self._acked = 0
-        self._errors: list[RecordError] = []
-        self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
-        self._closed: str | None = None
-        self.dropped = 0
-        provided = {
-            "connection": self,
-            "submit": self.submit,
-            "submit_many": self.submit_many,
-            "flush": self.flush,
-            "receive": self.receive,
-            "udrs": self.udrs,
-            "mim": self.mim,
-        }
-        self.api, self.api_modules = _load_api_namespace(welcome.api, provided)
+        self._load_api(welcome.api)
 
     # -- context manager, iteration and state -----------------------------------------------
     async def __aenter__(self) -> AsyncConnection:
@@ -2210,17 +2171,6 @@ class AsyncConnection:
             return await self.receive()
         except ConnectionClosed:
             raise StopAsyncIteration from None
-
-    def __repr__(self) -> str:
-        state = f"closed: {self._closed}" if self._closed else "open"
-        return (
-            f"<mzconnector.AsyncConnection #{self.connection_id} to workflow "
-            f"{self.workflow!r} ({state})>"
-        )
-
-    @property
-    def closed(self) -> bool:
-        return self._closed is not None
 
     def _check(self) -> None:
         """Raise what the server told us since the last call."""
@@ -2263,17 +2213,6 @@ class AsyncConnection:
             if bar is not None:
                 bar.close()
         return count
-
-    def _not_accepted(self, record: Any) -> NotAccepted:
-        name = self._codec.by_class.get(type(record), type(record).__name__)
-        accepted = ", ".join(self.accepted) or "nothing"
-        hint = ""
-        if isinstance(record, msgspec.Struct) and type(record) not in self._codec.by_class:
-            hint = " (build records with conn.udrs.<Type>(...))"
-        return NotAccepted(
-            f"the connector does not accept {name!r}; it accepts: {accepted}{hint}. "
-            "Nothing was sent."
-        )
 
     async def flush(self) -> None:
         """Send everything submitted and return once the server has taken all of it. Raises
@@ -2384,30 +2323,8 @@ class AsyncConnection:
         """Handle one event; True when the connection is over."""
         if isinstance(event, Records):
             self._inbox.extend(_decode_items(self._decoder, event.items))
-        elif isinstance(event, Ack):
-            self._ledger.ack(event.taken)
-            self._acked = event.taken
-        elif isinstance(event, Refused):
-            self._errors.extend(self._ledger.in_submit_order(event.errors))
-        elif isinstance(event, Mim):
-            self._mim_replies.append(event.values)
-        elif isinstance(event, Notice):
-            self.dropped += event.dropped
-            warnings.warn(f"mzconnector: {event.message}", RuntimeWarning, stacklevel=1)
-        elif isinstance(event, Bye):
-            self._mark_closed(f"the server closed the connection: {event.reason or 'bye'}")
-            return True
-        elif isinstance(event, Error):
-            self._mark_closed(f"the server reported an error: {event.message}")
-            return True
-        elif isinstance(event, Closed):
-            self._mark_closed("the server closed the connection")
-            return True
-        return False
-
-    def _mark_closed(self, reason: str) -> None:
-        if self._closed is None:
-            self._closed = reason
+            return False
+        return self._apply(event)
 
     # -- closing ----------------------------------------------------------------------------
     async def aclose(self) -> None:
