@@ -1654,17 +1654,40 @@ def _keepalive(sock: socket.socket, timeout: float) -> None:
                 pass
 
 
+def _handshake_hint(tls: bool, cert_given: bool) -> str:
+    """What a server that drops a connection during the handshake most likely wants."""
+    if not tls:
+        return "(is it a TLS server? then connect with tls=True)"
+    if cert_given:
+        return "(TLS: does it accept this client certificate, signed by a CA it trusts?)"
+    return "(TLS: does it require a client certificate? pass certfile=...)"
+
+
+def _welcome_or_raise(event: Any, where: str, hint: str) -> Welcome:
+    """The server's answer to Hello: the ``Welcome``, or the ``ConnectError`` it means."""
+    if isinstance(event, Welcome):
+        if event.protocol != PROTOCOL_VERSION:
+            raise ConnectError(
+                f"{where} speaks protocol {event.protocol}; this client speaks {PROTOCOL_VERSION}"
+            )
+        return event
+    if isinstance(event, Refuse):
+        if event.code == "rejected":
+            raise ConnectionRejected(event.reason)
+        raise ConnectionRefused(f"{where} refused the connection: {event.reason}")
+    if isinstance(event, Error):
+        raise ConnectError(f"{where} reported an error: {event.message}")
+    if isinstance(event, Closed):
+        raise ConnectError(f"{where} closed the connection during the handshake {hint}")
+    raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")
+
+
 def _await_welcome(
     transport: _Transport, protocol: Protocol, where: str, timeout: float, cert_given: bool
 ) -> Welcome:
     deadline = time.monotonic() + timeout
     tls = isinstance(transport, _TLSTransport)
-    if not tls:
-        gone = "(is it a TLS server? then connect with tls=True)"
-    elif cert_given:
-        gone = "(does it accept this client certificate? is it signed by a CA the server trusts?)"
-    else:
-        gone = "(does it require a client certificate? pass certfile=...)"
+    gone = _handshake_hint(tls, cert_given)
     while True:
         try:
             event = protocol.next_event()
@@ -1688,22 +1711,7 @@ def _await_welcome(
                 ) from exc
             protocol.receive_data(data)
             continue
-        if isinstance(event, Welcome):
-            if event.protocol != PROTOCOL_VERSION:
-                raise ConnectError(
-                    f"{where} speaks protocol {event.protocol}; "
-                    f"this client speaks {PROTOCOL_VERSION}"
-                )
-            return event
-        if isinstance(event, Refuse):
-            if event.code == "rejected":
-                raise ConnectionRejected(event.reason)
-            raise ConnectionRefused(f"{where} refused the connection: {event.reason}")
-        if isinstance(event, Error):
-            raise ConnectError(f"{where} reported an error: {event.message}")
-        if isinstance(event, Closed):
-            raise ConnectError(f"{where} closed the connection during the handshake {gone}")
-        raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")
+        return _welcome_or_raise(event, where, gone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2059,11 +2067,10 @@ async def connect_async(
         client=f"mzconnector {__version__} async (Python {sys.version.split()[0]})",
     )
 
+    gone = _handshake_hint(context is not None, bool(certfile))
+
     def lost(exc: OSError) -> ConnectError:
-        hint = ""
-        if context is not None:  # asyncio says only this when the server rejects our certificate
-            hint = " (TLS: does the server require a client certificate it trusts?)"
-        return ConnectError(f"lost the connection to {where} during the handshake: {exc}{hint}")
+        return ConnectError(f"{where} dropped the connection during the handshake {gone}: {exc}")
 
     async def handshake() -> Welcome:
         try:
@@ -2076,7 +2083,7 @@ async def connect_async(
             except RemoteProtocolError as exc:
                 raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
             if event is not NEED_DATA:
-                return _welcome_or_raise(event, where)
+                return _welcome_or_raise(event, where, gone)
             try:
                 data = await stream.receive()
             except ssl.SSLError as exc:
@@ -2101,28 +2108,6 @@ async def connect_async(
         if not opened:
             await stream.aclose()
     return connection
-
-
-def _welcome_or_raise(event: Any, where: str) -> Welcome:
-    """The server's answer to Hello: the ``Welcome``, or the ``ConnectError`` it means."""
-    if isinstance(event, Welcome):
-        if event.protocol != PROTOCOL_VERSION:
-            raise ConnectError(
-                f"{where} speaks protocol {event.protocol}; this client speaks {PROTOCOL_VERSION}"
-            )
-        return event
-    if isinstance(event, Refuse):
-        if event.code == "rejected":
-            raise ConnectionRejected(event.reason)
-        raise ConnectionRefused(f"{where} refused the connection: {event.reason}")
-    if isinstance(event, Error):
-        raise ConnectError(f"{where} reported an error: {event.message}")
-    if isinstance(event, Closed):
-        raise ConnectError(
-            f"{where} closed the connection during the handshake "
-            "(is it a TLS server? then connect with tls=True)"
-        )
-    raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")
 
 
 class AsyncConnection(_ClientBase):
