@@ -324,8 +324,12 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    __hash__ = object.__hash__  # Enum's own hashes by name, in Python: this is on the hot path
+
 
 class State(enum.Enum):
+    __hash__ = object.__hash__
+
     HELLO = "hello"  # the client has not said hello yet
     WELCOME = "welcome"  # the server owes the answer: Welcome or Refuse
     OPEN = "open"
@@ -371,7 +375,7 @@ class Protocol:
         self.peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self.max_frame_size = max_frame_size
         self.states = {Role.CLIENT: State.HELLO, Role.SERVER: State.HELLO}
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         # The server must see the magic first; the client sends it with its Hello.
@@ -381,10 +385,18 @@ class Protocol:
     def receive_data(self, data: bytes) -> None:
         if self._eof:
             raise RuntimeError("receive_data after end of stream")
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+        elif self._pos == len(self._buf):
+            # Nothing is buffered: frames are decoded straight from the bytes received
+            # (immutable, so views of them stay valid), without copying them.
+            self._buf = bytes(data)
+            self._pos = 0
+        else:
+            if type(self._buf) is bytes:
+                self._buf = bytearray(memoryview(self._buf)[self._pos :])
+                self._pos = 0
+            self._buf += data
 
     def next_event(self) -> Message | Closed | str:
         buf, pos = self._buf, self._pos
@@ -405,6 +417,8 @@ class Protocol:
             if self._eof:
                 if available:
                     raise RemoteProtocolError("connection closed in the middle of a frame")
+                if self.states[self.peer] is State.HELLO:
+                    raise RemoteProtocolError("connection closed before the client said hello")
                 self.states[self.peer] = State.CLOSED
                 return Closed()
             return NEED_DATA
@@ -417,10 +431,13 @@ class Protocol:
             if self._eof:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
             return NEED_DATA
-        with memoryview(buf) as view:
-            body = bytes(view[pos + 4 : pos + 4 + size])
+        if type(buf) is bytes:
+            body: bytes | memoryview = memoryview(buf)[pos + 4 : pos + 4 + size]
+        else:  # a bytearray changes under a view: copy the frame out
+            with memoryview(buf) as view:
+                body = bytes(view[pos + 4 : pos + 4 + size])
         pos += 4 + size
-        if pos > 65536 and pos * 2 > len(buf):
+        if pos > 65536 and pos * 2 > len(buf) and type(buf) is bytearray:
             del buf[:pos]
             pos = 0
         self._pos = pos
