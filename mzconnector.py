@@ -443,7 +443,7 @@ class Protocol:
         self._pos = pos
         try:
             message = _message_decoder.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 is the latter
             raise RemoteProtocolError(f"malformed frame: {exc}") from None
         except RecursionError:
             raise RemoteProtocolError("malformed frame: nested too deeply") from None
@@ -689,7 +689,7 @@ class RecordCodec:
         accepted = set(accepted)
         try:
             value = msgspec.msgpack.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return ("?", None, f"malformed record: {exc}")
         if isinstance(value, bytes):
             return ("bytes", None, "bytes are not accepted by this connector")

@@ -249,15 +249,30 @@ class Connector:
         self._all.add(conn)
         try:
             await conn.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("connection %d (%s) lost: %s", conn.id, conn.peer, exc.__cause__ or exc)
-        except Exception:
-            log.exception("connection %d (%s) failed", conn.id, conn.peer)
+        except Exception as exc:
+            if _only(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                log.info("connection %d (%s) lost: %s", conn.id, conn.peer, _first_cause(exc))
+            else:
+                log.exception("connection %d (%s) failed", conn.id, conn.peer)
         finally:
             self._all.discard(conn)
             conn.reader_done.set()
             conn.close_twin()
             await trio.aclose_forcefully(stream)
+
+
+def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether an exception, or every exception in a group, is one of ``kinds``."""
+    inner = getattr(exc, "exceptions", None)
+    if inner is not None:
+        return all(_only(e, kinds) for e in inner)
+    return isinstance(exc, kinds)
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    while getattr(exc, "exceptions", None):
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    return exc.__cause__ or exc
 
 
 def _nested_deeper_than(value: Any, limit: int) -> bool:
@@ -583,7 +598,7 @@ class ServerConnection:
             if decoder is None:
                 raise msgspec.ValidationError("this connector accepts nothing")
             records = decoder.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 is the latter
             records, errors = self._take_one_by_one(raw)
         counters = self.counters
         counters.records_in += len(records)
@@ -625,7 +640,7 @@ class ServerConnection:
         connector = self.connector
         try:
             items = _raw_items.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise RemoteProtocolError(f"malformed batch of records: {exc}") from None
         records: list[Any] = []
         errors: list[RecordError] = []
@@ -635,7 +650,7 @@ class ServerConnection:
                 if decoder is None:
                     raise msgspec.ValidationError("nothing accepted")
                 records.append(decoder.decode(item))
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 type_name, field, problem = connector.config.codec.explain(item, connector.accepted)
                 errors.append(RecordError(self.taken + i, type_name, field, problem))
         return records, errors
@@ -706,6 +721,7 @@ class ServerConnection:
         outbox = self._outbox
         protocol = self.protocol
         counters = self.counters
+        records = 0  # records in the write under way
         try:
             async for payload, count in outbox:
                 parts: list[Any] = []
@@ -729,6 +745,7 @@ class ServerConnection:
                     taken += 1
                 await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
                 counters.records_out += records
+                records = 0
                 counters.bytes_out += size
                 if self.dropped > self._dropped_reported:
                     lost = self.dropped - self._dropped_reported
@@ -743,7 +760,7 @@ class ServerConnection:
                 self._unsent += 1  # nothing may overtake the farewell
                 await self.stream.send_all(protocol.send(self._farewell))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            lost = 0
+            lost = records
             while True:
                 try:
                     _, count = outbox.receive_nowait()
