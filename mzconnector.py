@@ -26,7 +26,8 @@ Exceptions::
     │   ├── ConnectionRefused       the server refused it (a connection limit)
     │   └── ConnectionRejected      the workflow rejected it (connection control); ``.reason``
     ├── ConnectionClosed            the connection is gone; ``.unacknowledged`` lists the records
-    │                               submitted but never acknowledged by the server
+    │   │                           submitted but never acknowledged by the server
+    │   └── ConnectionLost (+ Timeout)  no answer to flush/mim within the timeout: closed
     ├── ProtocolError
     │   ├── LocalProtocolError      this side broke the protocol (a bug, or a record too large)
     │   └── RemoteProtocolError     the peer broke the protocol
@@ -68,6 +69,7 @@ __all__ = [
     "ConnectError",
     "Connection",
     "ConnectionClosed",
+    "ConnectionLost",
     "ConnectionRefused",
     "ConnectionRejected",
     "LocalProtocolError",
@@ -172,6 +174,12 @@ class NotAccepted(MZConnectorError, TypeError):
 
 class Timeout(MZConnectorError, TimeoutError):
     """No answer within the timeout."""
+
+
+class ConnectionLost(ConnectionClosed, Timeout):
+    """The server did not answer a ``flush``, ``mim`` or ``close`` within the timeout: the
+    connection is taken for lost and closed (``unacknowledged`` holds what it did not take).
+    Also a ``Timeout``."""
 
 
 class SchemaError(MZConnectorError, ValueError):
@@ -685,21 +693,30 @@ class RecordCodec:
     def explain(
         self, raw: msgspec.Raw | bytes, accepted: Iterable[str]
     ) -> tuple[str, str | None, str]:
-        """Why one encoded record is not acceptable: (type name, field name or None, problem)."""
+        """Why one encoded record is not acceptable: (type name, field name or None, problem).
+        Each field is decoded on its own with its declared type, so the one at fault is named
+        whatever is wrong with it (a wrong type, bad UTF-8, a bad nested record)."""
         accepted = set(accepted)
         try:
-            value = msgspec.msgpack.decode(raw)
+            value = _record_parts.decode(raw)
+        except msgspec.ValidationError:
+            kind = type(msgspec.msgpack.decode(raw)).__name__
+            return ("?", None, f"not a record: {kind}")
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return ("?", None, f"malformed record: {exc}")
         if isinstance(value, bytes):
             return ("bytes", None, "bytes are not accepted by this connector")
-        if not isinstance(value, list) or not value or not isinstance(value[0], str):
-            return ("?", None, f"not a record: {type(value).__name__}")
-        name, values = value[0], value[1:]
+        try:
+            name = msgspec.msgpack.decode(value[0], type=str) if value else None
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            name = None
+        if name is None:
+            return ("?", None, "not a record: it does not start with its type name")
         if name not in self.types:
             return (name, None, f"unknown record type {name!r}")
         if name not in accepted:
             return (name, None, f"records of type {name!r} are not accepted by this connector")
+        values = value[1:]
         fields = msgspec.structs.fields(self.types[name])
         for i, field in enumerate(fields):
             if i >= len(values):
@@ -707,12 +724,15 @@ class RecordCodec:
                     return (name, field.name, "missing")
                 continue
             try:
-                msgspec.convert(values[i], field.type, strict=True)
-            except msgspec.ValidationError as exc:
+                msgspec.msgpack.decode(values[i], type=field.type)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 return (name, field.name, str(exc))
         if len(values) > len(fields):
             return (name, None, f"{len(values)} fields given, {len(fields)} declared")
         return (name, None, "does not match its declared type")
+
+
+_record_parts = msgspec.msgpack.Decoder(Union[bytes, list[msgspec.Raw]])
 
 
 def _record_html(self: msgspec.Struct) -> str:
@@ -1255,12 +1275,12 @@ class Connection(_ClientBase):
             buf = self._buf
             buf.append(record)
             if type(record) is not bytes or not self._add_bytes(len(record)):
-                if len(buf) == 1:
+                if len(buf) >= self._batch_size:
+                    self._send_buffer()
+                elif len(buf) == 1:
                     self._first_at = time.monotonic()
                     if not self._linger_armed.is_set():
                         self._linger_armed.set()
-                elif len(buf) >= self._batch_size:
-                    self._send_buffer()
 
     def submit_many(self, records: Iterable[Any], *, progress: bool = False) -> int:
         """Queue many records; returns how many. ``progress=True`` shows a tqdm bar."""
@@ -1436,6 +1456,7 @@ class Connection(_ClientBase):
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.get_ident()
         cond = self._cond
+        lost = False
         with cond:
             self._fg_calls += 1
         try:
@@ -1448,7 +1469,11 @@ class Connection(_ClientBase):
                             break
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if remaining is not None and remaining <= 0:
-                            raise Timeout(f"{what}: no answer from the server within {timeout} s")
+                            if what == "receive":  # the workflow may simply have sent nothing
+                                raise Timeout(f"receive: no record within {timeout} s")
+                            self._closed = f"{what}: no answer from the server within {timeout} s"
+                            lost = True
+                            break
                         owner = self._owner
                         if owner is None or (owner != "bg" and not self._reading):
                             self._owner = me
@@ -1460,6 +1485,9 @@ class Connection(_ClientBase):
                             cond.notify_all()  # in case the reader waits for inbox space
                         cond.wait(remaining)
                 if self._closed is not None:  # (the ledger is not read under _cond)
+                    if lost:
+                        self._mark_closed(self._closed)
+                        raise ConnectionLost(self._closed, self._unacknowledged())
                     raise ConnectionClosed(self._closed, self._unacknowledged())
                 try:
                     self._read_once(remaining)
@@ -2306,7 +2334,8 @@ class AsyncConnection(_ClientBase):
         try:
             await self._stream.with_timeout(self.timeout, wait)
         except TimeoutError:
-            raise Timeout(f"{what}: no answer from the server within {self.timeout} s") from None
+            self._mark_closed(f"{what}: no answer from the server within {self.timeout} s")
+            raise ConnectionLost(self._closed or "", self._unacknowledged()) from None
 
     async def _pump(self) -> None:
         """Read once and handle what arrived. The caller holds ``_read_lock``."""

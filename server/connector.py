@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any, Union
 
 import cloudpickle
@@ -60,6 +61,10 @@ ACK_EVERY = 65536
 RECEIVE_SIZE = 1 << 18
 #: The writer joins queued frames into one write up to this size.
 COALESCE_BYTES = 1 << 20
+#: What one outbox item holds at most (records, and bytes of bytes payloads), however large a
+#: routed batch is: the outbox is bounded in items, so this bounds it in memory.
+DELIVERY_RECORDS = 8192
+DELIVERY_BYTES = 1 << 20
 _raw_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 
@@ -239,9 +244,10 @@ class Connector:
                 "%d record(s) on route %r are undeliverable: %s", len(items), batch.route, whom
             )
             return
-        frames = encode_record_frames(items, self.settings.max_frame_size)
-        for conn in targets:
-            await conn.enqueue_records(frames, len(items))
+        for chunk in _delivery_chunks(items):
+            frames = encode_record_frames(chunk, self.settings.max_frame_size)
+            for conn in targets:
+                await conn.enqueue_records(frames, len(chunk))
 
     # -- connections --------------------------------------------------------------------------
     async def _handle(self, stream: trio.abc.Stream) -> None:
@@ -259,6 +265,21 @@ class Connector:
             conn.reader_done.set()
             conn.close_twin()
             await trio.aclose_forcefully(stream)
+
+
+def _delivery_chunks(items: list[Any]) -> Iterator[list[Any]]:
+    """Split a routed batch into outbox items of bounded size."""
+    if len(items) <= DELIVERY_RECORDS and bytes not in set(map(type, items)):
+        yield items
+        return
+    start = size = 0
+    for i, item in enumerate(items):
+        size += len(item) if type(item) is bytes else 0
+        if i + 1 - start >= DELIVERY_RECORDS or size >= DELIVERY_BYTES:
+            yield items[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(items):
+        yield items[start:]
 
 
 def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,11 +22,13 @@ class ServerProcess:
 
     def __init__(self, *args: str, cwd: Path = ROOT) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", *args, "--port", "0", "--log-level", "WARNING"],
             cwd=cwd,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: a server that logs a lot must never block on a full pipe.
+            stderr=self._log,
             text=True,
             env=env,
         )
@@ -33,21 +36,32 @@ class ServerProcess:
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.proc.kill()
-            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()!r}")
+            self.proc.wait()
+            raise RuntimeError(f"server did not start: {line!r} {self.log()!r}")
         self.banner = line.strip()
         self.host, port = line.strip().rsplit(" ", 1)[1].rsplit(":", 1)
         self.port = int(port)
 
+    def log(self) -> str:
+        """What the server has logged so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
+
     def stop(self, timeout: float = 20) -> tuple[int, str]:
         """SIGTERM, then the exit code and what the server logged."""
+        if self._log.closed:  # stopped before
+            return self.proc.returncode, self._final_log
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.communicate()
+        self._final_log = self.log()
+        self._log.close()
+        return self.proc.returncode, self._final_log
 
 
 @pytest.fixture

@@ -465,7 +465,7 @@ def test_sigterm_delivers_then_closes(start_server: StartServer) -> None:
         with pytest.raises(mzconnector.ConnectionClosed):
             conn.submit(sent[0])
         assert conn.closed
-    _, err = server.proc.communicate()
+    _, err = server.stop()
     assert "Traceback" not in err
 
 
