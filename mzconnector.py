@@ -48,6 +48,7 @@ import keyword
 import linecache
 import pickle
 import re
+import select
 import selectors
 import socket
 import ssl
@@ -829,6 +830,10 @@ class _Transport:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._selectors: dict[socket.socket | None, selectors.BaseSelector] = {}
+        self._poll = None
+        if hasattr(select, "poll"):  # not on Windows
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
 
     def send(self, data: bytes | bytearray) -> None:
         self.sock.sendall(data)
@@ -846,6 +851,8 @@ class _Transport:
         readable first, or False on timeout."""
         if self.pending():
             return True
+        if wake is None and self._poll is not None:  # the hot path: one cheap poll(2)
+            return bool(self._poll.poll(None if timeout is None else max(0, timeout) * 1000))
         selector = self._selectors.get(wake)
         if selector is None:
             selector = self._selectors[wake] = selectors.DefaultSelector()
