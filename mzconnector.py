@@ -905,10 +905,6 @@ class _TLSTransport(_Transport):
         if data:
             self.sock.sendall(data)
 
-    @property
-    def peer_certificate(self) -> dict[str, Any] | None:
-        return self._tls.getpeercert()
-
     def pending(self) -> bool:
         with self._lock:
             return bool(self._tls.pending() or self._in.pending)

@@ -72,7 +72,7 @@ async def _run(config: Config) -> None:
 
             async def on_signals() -> None:
                 async for signum in signals:
-                    if not server._stop.is_set():
+                    if not server.stopping:
                         logging.getLogger("mzserver").info(
                             "%s: stopping gracefully (again to stop at once)",
                             signal.Signals(signum).name,

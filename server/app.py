@@ -32,12 +32,9 @@ log = logging.getLogger("mzserver")
 class Server:
     """A running server: where it listens, its MIM values, and ``stop()``."""
 
-    def __init__(
-        self, config: Config, connector: Connector, mim: MimTable, addresses: list[Any]
-    ) -> None:
+    def __init__(self, config: Config, mim: MimTable, addresses: list[Any]) -> None:
         self.config = config
         self.mim = mim
-        self._connector = connector
         self.addresses = addresses
         self._stop = trio.Event()
         self._stopped = trio.Event()
@@ -58,6 +55,11 @@ class Server:
         """Ask for a graceful stop; ``serve`` returns when it is done."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a graceful stop was asked for."""
+        return self._stop.is_set()
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -72,7 +74,7 @@ async def serve(
     connector = Connector(config, routes, mim)
     workflow = Workflow(config, routes, mim, control=connector)
     listeners = await connector.open_listeners()
-    server = Server(config, connector, mim, [lst.socket.getsockname() for lst in listeners])
+    server = Server(config, mim, [lst.socket.getsockname() for lst in listeners])
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(workflow.run, name="workflow")
