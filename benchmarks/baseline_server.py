@@ -28,47 +28,44 @@ _HEADER = struct.Struct(">I")
 _ANSWER = struct.Struct(">IQQ")
 
 
+def _frame_sizes(buf: bytearray) -> list[int]:
+    """The body sizes of the complete frames at the start of ``buf``."""
+    sizes: list[int] = []
+    pos, end = 0, len(buf)
+    while end - pos >= 4:
+        (size,) = _HEADER.unpack_from(buf, pos)
+        if pos + 4 + size > end:
+            break
+        sizes.append(size)
+        pos += 4 + size
+    return sizes
+
+
 async def echo(stream: trio.abc.Stream) -> None:
     buf = bytearray()
-    while True:
-        data = await stream.receive_some(RECEIVE_SIZE)
-        if not data:
-            return
+    while data := await stream.receive_some(RECEIVE_SIZE):
         buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if pos + 4 + size > end:
-                break
-            pos += 4 + size
-        if pos:
-            out = bytes(buf[:pos])
-            del buf[:pos]
+        used = sum(4 + size for size in _frame_sizes(buf))
+        if used:
+            out = bytes(buf[:used])
+            del buf[:used]
             await stream.send_all(out)
 
 
 async def sink(stream: trio.abc.Stream) -> None:
     buf = bytearray()
     frames = nbytes = 0
-    while True:
-        data = await stream.receive_some(RECEIVE_SIZE)
-        if not data:
-            return
+    while data := await stream.receive_some(RECEIVE_SIZE):
         buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if pos + 4 + size > end:
-                break
-            pos += 4 + size
+        sizes = _frame_sizes(buf)
+        for size in sizes:
             if size:
                 frames += 1
                 nbytes += size
-            else:
+            else:  # an empty frame asks for the counts
                 await stream.send_all(_ANSWER.pack(16, frames, nbytes))
                 frames = nbytes = 0
-        if pos:
-            del buf[:pos]
+        del buf[: sum(4 + size for size in sizes)]
 
 
 async def _serve_one(handler, stream: trio.abc.Stream) -> None:  # type: ignore[no-untyped-def]

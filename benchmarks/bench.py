@@ -340,16 +340,8 @@ class Bench:
         n, runs = self.p["push_n"], self.p["runs"]
         conn = self._connect("mz-count")
         raw = RawClient(HOST, self.server("base-sink").port)
-        Rec = conn.udrs.Rec
-        records = [Rec(i=i, s="abcdefgh", f=i * 0.5) for i in range(n)]
-        # The baseline sends the very bytes the connector sends, encoded before the clock starts.
-        frames = [
-            bytes(f)
-            for i in range(0, n, BATCH)
-            for f in mzconnector.encode_record_frames(records[i : i + BATCH], 1 << 30)
-        ]
+        records, frames, singles = _workload(conn, n)
         wire = sum(map(len, frames))
-        singles = _single_frames(records)
         flushed, processed, base, base1 = [], [], [], []
         meter, bmeter = Meter(), Meter()
         try:
@@ -424,14 +416,7 @@ class Bench:
         n, runs, job = self.p["pipelined_n"], self.p["runs"], "3 pipelined echo"
         conn = self._connect("mz-echo")
         raw = RawClient(HOST, self.server("base-echo").port)
-        Rec = conn.udrs.Rec
-        records = [Rec(i=i, s="abcdefgh", f=i * 0.5) for i in range(n)]
-        frames = [
-            bytes(f)
-            for i in range(0, n, BATCH)
-            for f in mzconnector.encode_record_frames(records[i : i + BATCH], 1 << 30)
-        ]
-        singles = _single_frames(records)
+        records, frames, singles = _workload(conn, n)
         mz, base, base1 = [], [], []
         meter, bmeter = Meter(), Meter()
         try:
@@ -974,6 +959,19 @@ class Bench:
                 batched.append(k * BATCH / belapsed)
                 calls.append(statistics.median(samples) * 1e6)
         return per_call, batched, calls
+
+
+def _workload(conn: Any, n: int) -> tuple[list[Any], list[bytes], list[bytes]]:
+    """``n`` 3-field records, and what the baseline sends for them: the very bytes the
+    connector sends (batches of ``BATCH``), and one record per frame; encoded before the
+    clock starts."""
+    records = [conn.udrs.Rec(i=i, s="abcdefgh", f=i * 0.5) for i in range(n)]
+    frames = [
+        bytes(f)
+        for i in range(0, n, BATCH)
+        for f in mzconnector.encode_record_frames(records[i : i + BATCH], 1 << 30)
+    ]
+    return records, frames, _single_frames(records)
 
 
 def _single_frames(records: list[Any]) -> list[bytes]:

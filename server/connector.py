@@ -187,9 +187,13 @@ class Connector:
         counters = self.mim.counters
         wire_types = self.wire_types
         items = []
+        payload = 0  # bytes of bytes payloads, to bound outbox items
         for record in batch.records:
-            if type(record) in wire_types:
+            kind = type(record)
+            if kind in wire_types:
                 items.append(record)
+                if kind is bytes:
+                    payload += len(record)
                 continue
             try:
                 items.append(Pickled(cloudpickle.dumps(record)))
@@ -217,7 +221,7 @@ class Connector:
                 "%d record(s) on route %r are undeliverable: %s", len(items), batch.route, whom
             )
             return
-        for chunk in _delivery_chunks(items):
+        for chunk in _delivery_chunks(items, payload):
             frames = encode_record_frames(chunk, self.settings.max_frame_size)
             for conn in targets:
                 await conn.enqueue_records(frames, len(chunk))
@@ -240,9 +244,10 @@ class Connector:
             await trio.aclose_forcefully(stream)
 
 
-def _delivery_chunks(items: list[Any]) -> Iterator[list[Any]]:
-    """Split a routed batch into outbox items of bounded size."""
-    if len(items) <= DELIVERY_RECORDS and bytes not in set(map(type, items)):
+def _delivery_chunks(items: list[Any], payload: int) -> Iterator[list[Any]]:
+    """Split a routed batch (with ``payload`` bytes of bytes records) into outbox items of
+    bounded size."""
+    if len(items) <= DELIVERY_RECORDS and payload < DELIVERY_BYTES:
         yield items
         return
     start = size = 0

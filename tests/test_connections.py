@@ -78,6 +78,19 @@ routes = ["test_branch"]
     return path
 
 
+def refused_start(path: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m server path`` that must refuse to start (exit 2)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server", str(path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    return result
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Poll ``predicate`` (an observation of another process) until it is truthy."""
     deadline = time.monotonic() + timeout
@@ -139,14 +152,7 @@ def test_max_connections_zero_means_no_limit(
 @pytest.mark.parametrize("value", ["-1", "100000", '"ten"'])
 def test_max_connections_out_of_range(tmp_path: Path, value: str) -> None:
     path = write_config(tmp_path, f"max_connections = {value}")
-    result = subprocess.run(
-        [sys.executable, "-m", "server", str(path), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
+    result = refused_start(path)
     assert "connector.max_connections" in result.stderr
     assert str(path) in result.stderr
 
@@ -373,13 +379,6 @@ def test_tls_client_certificates(
 def test_tls_unreadable_key_is_a_config_error(tmp_path: Path, tls_files: dict[str, Path]) -> None:
     tls_files["key"].unlink()
     path = write_config(tmp_path, tls=tls_table(tls_files))
-    result = subprocess.run(
-        [sys.executable, "-m", "server", str(path), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
+    result = refused_start(path)
     assert "connector.tls.keyfile" in result.stderr
     assert str(tls_files["key"]) in result.stderr
