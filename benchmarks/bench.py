@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--quick] [--json out.json] [--only NAME[,NAME...]]
 
-Servers run as subprocesses (``python -m server <toml> --port 0``; the baseline is
+Servers run as subprocesses (``python -m mzserver <toml> --port 0``; the baseline is
 ``baseline_server.py``, a trio server that only moves length-prefixed frames); clients run in
 this process (and, for the many-clients job, in client subprocesses); loopback only. Each job
 runs several times, connector and baseline in turn, and reports the median of the runs and the

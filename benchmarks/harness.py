@@ -104,9 +104,9 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 def mz_server(toml: str | Path, *, name: str | None = None) -> ServerProcess:
-    """``python -m server <toml> --port 0``, as the README starts it."""
+    """``python -m mzserver <toml> --port 0``, as the README starts it."""
     return ServerProcess(
-        [sys.executable, "-m", "server", str(toml), "--port", "0", "--log-level", "WARNING"],
+        [sys.executable, "-m", "mzserver", str(toml), "--port", "0", "--log-level", "WARNING"],
         name=name or f"mzserver {Path(toml).name}",
     )
 

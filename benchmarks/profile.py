@@ -105,8 +105,8 @@ def steps(n: int = 2000) -> None:
     import trio
     from rawclient import RawClient, frame
 
-    from server.app import serve
-    from server.config import load_config
+    from mzserver.app import serve
+    from mzserver.config import load_config
 
     class Count(trio.abc.Instrument):
         def __init__(self) -> None:

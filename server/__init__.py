@@ -2,7 +2,7 @@
 
 Public API::
 
-    from server import load_config, serve
+    from mzserver import load_config, serve
     config = load_config("workflow.toml")          # or Config.from_dict({...})
     async with trio.open_nursery() as nursery:
         srv = await nursery.start(serve, config)   # srv.port, srv.statistics(), srv.stop()

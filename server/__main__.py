@@ -1,4 +1,4 @@
-"""``python -m server [workflow.toml] [--port N]``: run a workflow server until Ctrl-C/SIGTERM."""
+"""``python -m mzserver [workflow.toml] [--port N]``: run a workflow server until Ctrl-C/SIGTERM."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             config = load_config(args.config)
         else:
-            with resources.as_file(resources.files("server.default") / DEFAULT_WORKFLOW) as path:
+            with resources.as_file(resources.files("mzserver.default") / DEFAULT_WORKFLOW) as path:
                 config = load_config(Path(path))
         changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
         if changes:

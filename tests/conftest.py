@@ -18,13 +18,13 @@ WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
 
 class ServerProcess:
-    """``python -m server [toml] --port 0`` in a subprocess; knows its port."""
+    """``python -m mzserver [toml] --port 0`` in a subprocess; knows its port."""
 
     def __init__(self, *args: str, cwd: Path = ROOT) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", *args, "--port", "0", "--log-level", "WARNING"],
+            [sys.executable, "-m", "mzserver", *args, "--port", "0", "--log-level", "WARNING"],
             cwd=cwd,
             stdout=subprocess.PIPE,
             # A file, not a pipe: a server that logs a lot must never block on a full pipe.

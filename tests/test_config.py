@@ -1,5 +1,5 @@
 """The workflow configuration: TOML -> ``Config``; every error names the file, the key and the
-problem; ``python -m server`` refuses to start on a bad configuration."""
+problem; ``python -m mzserver`` refuses to start on a bad configuration."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server import Config, ConfigError, load_config
+from mzserver import Config, ConfigError, load_config
 from tests.conftest import ROOT, WORKFLOWS
 
 BASE = """{top}
@@ -35,7 +35,7 @@ balance = "int"
 
 [[processors]]
 name = "echo"
-entry = "server.default.echo:echo"
+entry = "mzserver.default.echo:echo"
 routes = ["in"]
 {processors}
 """
@@ -338,7 +338,7 @@ def test_replace_connector(tmp_path: Path) -> None:
             id="api-module-missing",
         ),
         pytest.param(
-            {"extra": '[api]\nmodules = ["api_modules.demo", "api_modules.demo"]'},
+            {"extra": '[api]\nmodules = ["mzapi.demo", "mzapi.demo"]'},
             "api.modules[1]",
             "'double' is exported by both 'demo' and 'demo'",
             id="api-name-clash",
@@ -470,7 +470,7 @@ def test_from_dict_errors_name_the_source() -> None:
 
 def run_server(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "mzserver", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -79,9 +79,9 @@ routes = ["test_branch"]
 
 
 def refused_start(path: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m server path`` that must refuse to start (exit 2)."""
+    """``python -m mzserver path`` that must refuse to start (exit 2)."""
     result = subprocess.run(
-        [sys.executable, "-m", "server", str(path), "--port", "0"],
+        [sys.executable, "-m", "mzserver", str(path), "--port", "0"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -1,4 +1,4 @@
-"""End to end: a real server process (``python -m server``) and the real client
+"""End to end: a real server process (``python -m mzserver``) and the real client
 (``mzconnector.connect``), the way a notebook uses them."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 import mzconnector
-from server import ConfigError, load_config
+from mzserver import ConfigError, load_config
 from tests.conftest import ROOT, WORKFLOWS, ServerProcess
 
 StartServer = Callable[..., ServerProcess]
@@ -115,7 +115,7 @@ def test_default_port_is_7777() -> None:
         except OSError:
             pytest.skip("port 7777 is in use on this machine")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--log-level", "WARNING"],
+        [sys.executable, "-m", "mzserver", "--log-level", "WARNING"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -375,9 +375,9 @@ def small_frames_toml(tmp_path: Path, *, api: bool) -> Path:
     """The echo workflow with the smallest maximum frame size a config allows (1024 bytes)."""
     text = (ROOT / "server" / "default" / "echo.toml").read_text()
     text = text.replace("max_connections = 100\n", "max_connections = 100\nmax_frame_size = 1024\n")
-    text = text.replace('"echo.py:echo"', '"server.default.echo:echo"')
+    text = text.replace('"echo.py:echo"', '"mzserver.default.echo:echo"')
     if not api:
-        text = text.replace('modules = ["api_modules.demo"]', "modules = []")
+        text = text.replace('modules = ["mzapi.demo"]', "modules = []")
     assert "max_frame_size = 1024" in text
     path = tmp_path / "small_frames.toml"
     path.write_text(text)
@@ -567,7 +567,7 @@ with mzconnector.connect("127.0.0.1", port, timeout=10) as conn:
         raise AssertionError("no timeout")
 print("client file:", mzconnector.__file__)
 print("trio imported:", "trio" in sys.modules)
-print("server imported:", "server" in sys.modules)
+print("server imported:", "mzserver" in sys.modules)
 print("repo on sys.path:", any(p.rstrip("/") == sys.argv[2] for p in sys.path))
 print("ok")
 """

@@ -44,7 +44,7 @@ from mzconnector import (
     Welcome,
     encode_frame,
 )
-from server import Config, serve
+from mzserver import Config, serve
 from tests.conftest import ROOT, WORKFLOWS, ServerProcess
 
 StartServer = Callable[..., ServerProcess]
@@ -545,11 +545,11 @@ def test_server_stopped_under_load_loses_nothing_acknowledged(
 
 
 class PinnedServer:
-    """``python -m server`` on a given port (for a restart on the same port)."""
+    """``python -m mzserver`` on a given port (for a restart on the same port)."""
 
     def __init__(self, toml: str, port: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", toml, "--port", str(port), "--log-level", "WARNING"],
+            [sys.executable, "-m", "mzserver", toml, "--port", str(port), "--log-level", "WARNING"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

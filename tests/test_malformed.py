@@ -46,7 +46,7 @@ from mzconnector import (
     Welcome,
     encode_frame,
 )
-from server import Config, Server, serve
+from mzserver import Config, Server, serve
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 65536

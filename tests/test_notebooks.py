@@ -31,8 +31,8 @@ import mzconnector
 from tests.conftest import ROOT, ServerProcess
 
 NOTEBOOKS = ROOT / "notebooks"
-# The command a notebook's first markdown cell names: `python -m server [notebooks/x.toml]`.
-COMMAND = re.compile(r"`python -m server(?: (notebooks/[\w./-]+\.toml))?`")
+# The command a notebook's first markdown cell names: `python -m mzserver [notebooks/x.toml]`.
+COMMAND = re.compile(r"`python -m mzserver(?: (notebooks/[\w./-]+\.toml))?`")
 
 
 def kernel_env(server: ServerProcess | None = None) -> dict[str, str]:
@@ -554,7 +554,7 @@ balance = "int"
 
 [[processors]]
 name = "echo"
-entry = "server.default.echo:echo"
+entry = "mzserver.default.echo:echo"
 routes = ["in"]
 """
     )

@@ -35,7 +35,7 @@ from mzconnector import (
     Role,
     Welcome,
 )
-from server import Config, Server, serve
+from mzserver import Config, Server, serve
 
 SCHEMA = {
     "Subscriber": {"msisdn": "str", "balance": "int"},

@@ -6,7 +6,7 @@ check that every acknowledged record was processed exactly once.
 
 What it does (loopback only, everything in a temporary directory):
 
-- starts ``python -m server`` on 127.0.0.1 (any free port) with a workflow whose processor
+- starts ``python -m mzserver`` on 127.0.0.1 (any free port) with a workflow whose processor
   (``process`` below) appends a "client seq" line to a log file for every record;
 - runs N client processes. Each opens sessions (one connection each, the session's name is the
   records' ``client``), submits numbered records in chunks, flushes at random points and ends
@@ -191,7 +191,7 @@ class Server:
         self.stderr_path = stderr
         self._stderr = stderr.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", str(toml), "--port", "0", "--log-level", "WARNING"],
+            [sys.executable, "-m", "mzserver", str(toml), "--port", "0", "--log-level", "WARNING"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

@@ -1,1 +1,1 @@
-"""The built-in default workflow that ``python -m server`` runs: an echo workflow."""
+"""The built-in default workflow that ``python -m mzserver`` runs: an echo workflow."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server import ConnectionEnded, ConnectionRequest
+from mzserver import ConnectionEnded, ConnectionRequest
 
 
 def gatekeeper(event: Any, ctx: Any) -> None:
