@@ -38,8 +38,8 @@ Exceptions::
 """
 
 from __future__ import annotations
-import __future__
 
+import ast
 import collections
 import datetime
 import enum
@@ -86,6 +86,46 @@ __all__ = [
     "connect",
 ]
 
+#: The protocol core, for the connector server (``mzserver``): not what a notebook calls, but a
+#: contract all the same, since the server speaks the protocol through these names.
+#: tests/test_contract.py fails when the server uses a name of this file that neither list
+#: declares.
+__protocol__ = [
+    "API_PROVIDED",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAGIC",
+    "MAX_BATCH_RECORDS",
+    "NEED_DATA",
+    "Ack",
+    "ApiModule",
+    "Bye",
+    "Closed",
+    "Error",
+    "Flush",
+    "GetMim",
+    "Hello",
+    "Message",
+    "Mim",
+    "Namespace",
+    "Notice",
+    "Pickled",
+    "Protocol",
+    "RecordCodec",
+    "Records",
+    "Refuse",
+    "Refused",
+    "Role",
+    "State",
+    "Welcome",
+    "api_exports",
+    "build_record_types",
+    "decode_problem",
+    "encode_frame",
+    "encode_record_frames",
+    "parse_type",
+    "type_name",
+]
+
 __version__ = "0.1.0"
 
 DEFAULT_PORT = 7777
@@ -93,6 +133,8 @@ PROTOCOL_VERSION = 1
 #: The first bytes a client sends: lets a server tell a stray client (or a TLS hello) at once.
 MAGIC = b"MZC\x00"
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: Records in one batch (one frame) at most, whatever their size.
+MAX_BATCH_RECORDS = 65536
 #: After a call last read the socket, the background reader waits this long before it reads.
 _IDLE = 0.05
 _HEADER = struct.Struct(">I")
@@ -301,6 +343,7 @@ class Pickled(msgspec.Struct, tag="__pickled__", array_like=True):
 _MESSAGES = (Hello, Welcome, Refuse, Records, Flush, Ack, Refused, GetMim, Mim, Notice, Bye, Error)
 _encoder = msgspec.msgpack.Encoder()
 _message_decoder = msgspec.msgpack.Decoder(Union[_MESSAGES])  # type: ignore[valid-type]
+_MESSAGE_TYPES = {m.__name__: m for m in _MESSAGES}
 
 
 def encode_frame(message: Message) -> bytearray:
@@ -313,8 +356,16 @@ def encode_frame(message: Message) -> bytearray:
 
 def encode_record_frames(items: list[Any], max_frame_size: int) -> list[bytearray]:
     """``Records`` frames holding ``items`` (declared records, bytes or ``Pickled``), split so
-    that no frame exceeds ``max_frame_size``. A single item too large raises
-    ``LocalProtocolError``."""
+    that no frame exceeds ``max_frame_size`` nor holds more than ``MAX_BATCH_RECORDS``. A
+    single item too large raises ``LocalProtocolError``."""
+    if len(items) > MAX_BATCH_RECORDS:
+        return [
+            frame
+            for start in range(0, len(items), MAX_BATCH_RECORDS)
+            for frame in encode_record_frames(
+                items[start : start + MAX_BATCH_RECORDS], max_frame_size
+            )
+        ]
     frame = encode_frame(Records(msgspec.Raw(_encoder.encode(items))))
     if len(frame) - 4 <= max_frame_size:
         return [frame]
@@ -343,17 +394,27 @@ class State(enum.Enum):
     WELCOME = "welcome"  # the server owes the answer: Welcome or Refuse
     OPEN = "open"
     CLOSED = "closed"
+    ERROR = "error"  # this side broke the protocol (or was found to): nothing more passes
 
 
 class Closed(msgspec.Struct):
     """Event (never on the wire): the peer closed the connection cleanly."""
 
 
-NEED_DATA = "NEED_DATA"  # sentinel returned by ``Protocol.next_event``
+class _Sentinel(type):
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+
+class NEED_DATA(metaclass=_Sentinel):
+    """Returned by ``Protocol.next_event`` (the class itself, never an instance) when no
+    complete event is buffered: feed more bytes."""
+
 
 # Each side has its own state. (sender, sender's state, message type) -> (sender's next state,
-# receiver's next state or None for unchanged). Anything not in the table is a protocol error.
-# Bye closes only the sender's side: the peer may still send what it owes until its own Bye.
+# receiver's next state or None for unchanged). Anything not in the table is a protocol error,
+# and puts the side that broke it in State.ERROR for good. Bye closes only the sender's side:
+# the peer may still send what it owes until its own Bye.
 _TRANSITIONS: dict[tuple[Role, State, type], tuple[State, State | None]] = {
     (Role.CLIENT, State.HELLO, Hello): (State.WELCOME, State.WELCOME),
     (Role.SERVER, State.HELLO, Error): (State.CLOSED, State.CLOSED),
@@ -376,7 +437,9 @@ class Protocol:
     ``receive_data(bytes)`` feeds what arrived (``b""`` for end of stream); ``next_event()``
     returns the next message, ``NEED_DATA`` or ``Closed()``, and raises ``RemoteProtocolError``
     for anything the peer may not send; ``send(message)`` returns the bytes to write, and
-    raises ``LocalProtocolError`` for anything this side may not send now.
+    raises ``LocalProtocolError`` for anything this side may not send now. Either error is
+    final, as in h11: the side at fault is in ``State.ERROR`` and nothing more passes from it
+    (after a remote error this side may still send an ``Error`` to say why it closes).
     """
 
     def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
@@ -407,7 +470,16 @@ class Protocol:
                 self._pos = 0
             self._buf += data
 
-    def next_event(self) -> Message | Closed | str:
+    def next_event(self) -> Message | Closed | type[NEED_DATA]:
+        if self.states[self.peer] is State.ERROR:
+            raise RemoteProtocolError(f"the {self.peer.value} already broke the protocol")
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self.states[self.peer] = State.ERROR
+            raise
+
+    def _next_event(self) -> Message | Closed | type[NEED_DATA]:
         buf, pos = self._buf, self._pos
         available = len(buf) - pos
         if self._need_magic:
@@ -452,11 +524,13 @@ class Protocol:
         self._pos = pos
         try:
             message = _message_decoder.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 is the latter
-            raise RemoteProtocolError(f"malformed frame: {exc}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise RemoteProtocolError(f"malformed frame: {_message_problem(body, exc)}") from None
         except RecursionError:
             raise RemoteProtocolError("malformed frame: nested too deeply") from None
-        self._transition(self.peer, message, RemoteProtocolError)
+        if type(message) is Records:
+            _check_batch(message.items)
+        self._transition(self.peer, type(message), RemoteProtocolError)
         return message
 
     def events(self) -> Iterator[Message | Closed]:
@@ -481,26 +555,117 @@ class Protocol:
     def send(self, message: Message) -> bytearray:
         frame = encode_frame(message)
         if len(frame) - 4 > self.max_frame_size:
+            self.states[self.role] = State.ERROR
             raise LocalProtocolError(
                 f"a frame of {len(frame) - 4} bytes exceeds the maximum of {self.max_frame_size}"
             )
-        self._transition(self.role, message, LocalProtocolError)
-        if isinstance(message, Hello):
+        self._transition(self.role, type(message), LocalProtocolError)
+        if type(message) is Hello:
             return bytearray(MAGIC) + frame
         return frame
 
-    def _transition(self, sender: Role, message: Message, error: type[ProtocolError]) -> None:
+    def send_records(self, frames: list[bytearray]) -> list[bytearray]:
+        """``Records`` frames made by ``encode_record_frames`` (encoded once, e.g. for every
+        client of a broadcast), checked against the table like any message."""
+        self._transition(self.role, Records, LocalProtocolError)
+        return frames
+
+    def may_send(self, kind: type[Message]) -> bool:
+        """Whether this side may send a message of ``kind`` now."""
+        return (self.role, self.states[self.role], kind) in _TRANSITIONS
+
+    def _transition(self, sender: Role, kind: type, error: type[ProtocolError]) -> None:
         states = self.states
-        change = _TRANSITIONS.get((sender, states[sender], type(message)))
+        change = _TRANSITIONS.get((sender, states[sender], kind))
         if change is None:
+            state = states[sender]
+            states[sender] = State.ERROR
             raise error(
-                f"{sender.value} may not send {type(message).__name__} while the connection "
-                f"is in state {states[sender].value}"
+                f"{sender.value} may not send {kind.__name__} while the connection "
+                f"is in state {state.value}"
             )
-        receiver = Role.SERVER if sender is Role.CLIENT else Role.CLIENT
         states[sender] = change[0]
         if change[1] is not None:
-            states[receiver] = change[1]
+            receiver = Role.SERVER if sender is Role.CLIENT else Role.CLIENT
+            if states[receiver] is not State.ERROR:
+                states[receiver] = change[1]
+
+
+def _check_batch(items: msgspec.Raw) -> None:
+    """A batch is a msgpack array of at most ``MAX_BATCH_RECORDS`` items: checked from its
+    header, before anything in it is decoded, so that the work (and the memory) a frame can
+    cost a receiver is bounded by its count as well as its size."""
+    head = memoryview(items)[:5]
+    marker = head[0] if len(head) else 0
+    if 0x90 <= marker <= 0x9F:
+        return  # fixarray: at most 15 items
+    if marker == 0xDC and len(head) >= 3:
+        count = int.from_bytes(head[1:3], "big")
+    elif marker == 0xDD and len(head) >= 5:
+        count = int.from_bytes(head[1:5], "big")
+    else:
+        raise RemoteProtocolError("malformed frame: a batch of records must be an array")
+    if count > MAX_BATCH_RECORDS:
+        raise RemoteProtocolError(
+            f"a batch of {count} records exceeds the maximum of {MAX_BATCH_RECORDS} a batch"
+        )
+
+
+_STR_MARKERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
+_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+_ARRAY_MARKERS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+_raw_array = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_raw_map = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+
+
+def _message_problem(body: Any, exc: Exception) -> str:
+    """What is wrong with a frame that is not a valid message, in our words."""
+    if not isinstance(exc, msgspec.ValidationError):
+        return decode_problem(body, exc)
+    try:
+        parts = _record_parts.decode(body)
+        name = _tag(parts) if isinstance(parts, list) else None
+        kind = _MESSAGE_TYPES.get(name or "")
+        if kind is None:
+            return f"unknown message type {name!r}" if name else "not a message"
+        field, problem = _record_problem(parts, kind)  # type: ignore[arg-type]
+    except msgspec.ValidationError:
+        return f"not a message: {_describe_raw(body)}"
+    except (msgspec.DecodeError, UnicodeDecodeError) as inner:
+        return decode_problem(body, inner)
+    return f"{name}.{field}: {problem}" if field else f"{name}: {problem}"
+
+
+def decode_problem(data: Any, exc: Exception) -> str:
+    """What is wrong with msgpack ``data`` that failed to decode with ``exc``, in our words
+    where we can tell (msgspec words bad UTF-8 differently from release to release)."""
+    if not isinstance(exc, msgspec.ValidationError) and _has_bad_utf8(data):
+        return "a string is not valid UTF-8"
+    return str(exc)
+
+
+def _has_bad_utf8(data: Any) -> bool:
+    """Whether msgpack ``data`` holds a string (or a map key) that is not valid UTF-8."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        view = memoryview(item)
+        if not len(view):
+            continue
+        marker = view[0]
+        try:
+            if marker in _STR_MARKERS:
+                msgspec.msgpack.decode(item, type=str)
+            elif marker in _ARRAY_MARKERS:
+                stack.extend(_raw_array.decode(item))
+            elif marker in _MAP_MARKERS:
+                stack.extend(_raw_map.decode(item).values())
+        except msgspec.ValidationError:
+            continue  # e.g. a map with keys that are not strings
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            # The string itself, or one of the map's keys; an array is malformed itself.
+            return marker in _STR_MARKERS or marker in _MAP_MARKERS
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,46 +859,136 @@ class RecordCodec:
     def explain(
         self, raw: msgspec.Raw | bytes, accepted: Iterable[str]
     ) -> tuple[str, str | None, str]:
-        """Why one encoded record is not acceptable: (type name, field name or None, problem).
-        Each field is decoded on its own with its declared type, so the one at fault is named
-        whatever is wrong with it (a wrong type, bad UTF-8, a bad nested record)."""
+        """Why one encoded record is not acceptable: (type name, field or None, problem).
+
+        msgspec finds what does not decode; the words are ours (msgspec's change between its
+        releases). Each field is decoded on its own with its declared type, and a bad field is
+        followed down nested records, lists and dicts, so the field is named as a path
+        (``location.lat``, ``tags[2]``) whatever is wrong with it.
+        """
         accepted = set(accepted)
         try:
             value = _record_parts.decode(raw)
         except msgspec.ValidationError:
-            kind = type(msgspec.msgpack.decode(raw)).__name__
-            return ("?", None, f"not a record: {kind}")
+            return ("?", None, f"not a record: {_describe_raw(raw)}")
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            return ("?", None, f"malformed record: {exc}")
+            return ("?", None, f"malformed record: {decode_problem(raw, exc)}")
         if isinstance(value, bytes):
             return ("bytes", None, "bytes are not accepted by this connector")
-        try:
-            name = msgspec.msgpack.decode(value[0], type=str) if value else None
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            name = None
+        name = _tag(value)
         if name is None:
             return ("?", None, "not a record: it does not start with its type name")
         if name not in self.types:
             return (name, None, f"unknown record type {name!r}")
         if name not in accepted:
             return (name, None, f"records of type {name!r} are not accepted by this connector")
-        values = value[1:]
-        fields = msgspec.structs.fields(self.types[name])
-        for i, field in enumerate(fields):
-            if i >= len(values):
-                if field.required:
-                    return (name, field.name, "missing")
-                continue
-            try:
-                msgspec.msgpack.decode(values[i], type=field.type)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                return (name, field.name, str(exc))
-        if len(values) > len(fields):
-            return (name, None, f"{len(values)} fields given, {len(fields)} declared")
-        return (name, None, "does not match its declared type")
+        field, problem = _record_problem(value, self.types[name])
+        return (name, field or None, problem)
 
 
 _record_parts = msgspec.msgpack.Decoder(Union[bytes, list[msgspec.Raw]])
+
+
+def _tag(parts: list[msgspec.Raw]) -> str | None:
+    """The type name an encoded record starts with, if it starts with one."""
+    try:
+        return msgspec.msgpack.decode(parts[0], type=str) if parts else None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+
+
+def _record_problem(parts: list[msgspec.Raw], cls: type[msgspec.Struct]) -> tuple[str, str]:
+    """(field path, problem) of an encoded record of ``cls``, split into its tag and fields."""
+    values = parts[1:]
+    fields = msgspec.structs.fields(cls)
+    for i, field in enumerate(fields):
+        if i >= len(values):
+            if field.required:
+                return (field.name, "missing")
+            continue
+        found = _value_problem(values[i], field.type)
+        if found is not None:
+            return (field.name + found[0], found[1])
+    if len(values) > len(fields):
+        return ("", f"{len(values)} fields given, {len(fields)} declared")
+    return ("", "does not match its declared type")
+
+
+def _value_problem(raw: msgspec.Raw, kind: Any) -> tuple[str, str] | None:
+    """None if ``raw`` decodes as ``kind``; else (path below it, problem)."""
+    problem = None
+    try:
+        msgspec.msgpack.decode(raw, type=kind)
+        return None
+    except msgspec.ValidationError:
+        pass
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        problem = decode_problem(raw, exc)
+    declared = type_name(kind)
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is Union:  # T | None: the value is not None, so it is a T
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    try:
+        if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            parts = _record_parts.decode(raw)
+            if isinstance(parts, list) and _tag(parts) == kind.__name__:
+                path, problem = _record_problem(parts, kind)
+                return ("." + path if path else "", problem)
+        elif origin is list:
+            for i, item in enumerate(_raw_array.decode(raw)):
+                found = _value_problem(item, args[0])
+                if found is not None:
+                    return (f"[{i}]{found[0]}", found[1])
+        elif origin is dict:
+            for key, item in _raw_map.decode(raw).items():
+                found = _value_problem(item, args[1])
+                if found is not None:
+                    return (f"[{key!r}]{found[0]}", found[1])
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        pass  # not the container it should be, or a bad key: said below
+    if problem is None:
+        problem = f"expected {declared}, got {_describe_raw(raw)}"
+    return ("", problem)
+
+
+def type_name(kind: Any) -> str:
+    """A record field's type as the schema writes it: ``list[int]``, ``Location | None``."""
+    if kind is type(None):
+        return "None"
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is Union:
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _describe_raw(data: Any) -> str:
+    """Encoded msgpack, briefly, for an error message."""
+    try:
+        return _describe(msgspec.msgpack.decode(data))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return f"malformed data ({decode_problem(data, exc)})"
+
+
+def _describe(value: Any) -> str:
+    """A decoded msgpack value, briefly, for an error message."""
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float)):
+        return f"{type(value).__name__} {value!r}"
+    if isinstance(value, str):
+        return f"str {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, (bytes, bytearray)):
+        return f"bytes ({len(value)} bytes)"
+    if isinstance(value, list):
+        return f"an array of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return f"a map of {len(value)} key(s)"
+    return type(value).__name__
 
 
 def _record_html(self: msgspec.Struct) -> str:
@@ -755,33 +1010,55 @@ def _record_html(self: msgspec.Struct) -> str:
 API_PROVIDED = ("connection", "submit", "submit_many", "flush", "receive", "udrs", "mim")
 
 
-def api_exports(module: types.ModuleType) -> list[str]:
-    """What an API module exposes: its ``__all__``, or else every public name it defines
-    (not modules it imports, not the names the connector provides to it)."""
-    exported = getattr(module, "__all__", None)
-    if exported is not None:
-        missing = [n for n in exported if not hasattr(module, n)]
-        if missing:
-            raise MZConnectorError(
-                f"API module {module.__name__!r} lists {missing} in __all__ "
-                "but does not define them"
-            )
-        return list(exported)
-    return [
-        name
-        for name, value in vars(module).items()
-        if not name.startswith("_") and name not in API_PROVIDED and _defined_in(value, module)
-    ]
+def api_exports(source: str, name: str = "the API module") -> list[str]:
+    """What an API module exposes, read from its source, by one rule that the server (at
+    start-up, to find clashes) and the client (at connect) both apply:
+
+    - with ``__all__`` (a literal list of strings), exactly those names, each of which the
+      module must bind at top level (by ``def``, ``class``, assignment or import);
+    - without it, every public name the module binds at top level by ``def``, ``class`` or
+      assignment (``alias = imported_function`` counts; ``import x``/``from x import y`` do
+      not), except the names the connector provides.
+
+    Raises ``MZConnectorError`` naming the module for an ``__all__`` that breaks the rule.
+    """
+    tree = ast.parse(source)
+    declared = None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            try:
+                declared = list(ast.literal_eval(node.value))  # type: ignore[union-attr]
+            except (ValueError, TypeError):
+                raise MZConnectorError(f"{name}: __all__ must be a literal list of names") from None
+            if not all(isinstance(n, str) for n in declared):
+                raise MZConnectorError(f"{name}: __all__ must list names (strings)")
+    if declared is None:
+        return [
+            n
+            for n in _bound(tree, imports=False)
+            if not n.startswith("_") and n not in API_PROVIDED
+        ]
+    bound = set(_bound(tree, imports=True))
+    missing = [n for n in declared if n not in bound]
+    if missing:
+        raise MZConnectorError(f"{name}: __all__ lists {missing}, which the module does not define")
+    return declared
 
 
-def _defined_in(value: Any, module: types.ModuleType) -> bool:
-    """Whether a module's global is its own, not an import (a module, a function or class from
-    elsewhere, a ``from __future__`` feature)."""
-    if isinstance(value, (types.ModuleType, __future__._Feature)):
-        return False
-    owner = getattr(value, "__module__", None)
-    is_def = isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType))
-    return not is_def or owner == module.__name__
+def _bound(tree: ast.Module, *, imports: bool) -> list[str]:
+    """The names a module's top-level statements bind, in order, without duplicates."""
+    names: dict[str, None] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = None
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update((n.id, None) for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif imports and isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(((a.asname or a.name).split(".")[0], None) for a in node.names)
+    return list(names)
 
 
 class Namespace:
@@ -1082,7 +1359,7 @@ def _load_api_namespace(
         lines = spec.source.splitlines(keepends=True)
         linecache.cache[filename] = (len(spec.source), None, lines, filename)
         exec(compile(spec.source, filename, "exec"), vars(module))
-        for name in api_exports(module):
+        for name in api_exports(spec.source, f"API module {spec.name!r}"):
             members[name] = getattr(module, name)
         loaded[spec.name] = module
     return Namespace("API", members), loaded

@@ -2,26 +2,20 @@
 
 The TOML tables mirror the tabs of the original agent: ``[connector]`` (General), ``[api]``
 (API), ``[mim]`` (MIM), plus the workflow around it: ``[types.*]`` and ``[[processors]]``.
-The shape of each table is declared once below as msgspec Structs, which reject unknown keys
-and wrong types; the cross-checks (routes, types, entries) follow. Every error is a
+Their shape is declared once in ``tables.py`` and checked key by key; the cross-checks
+(routes, types, entries, what clients are sent at connect) follow here. Every error is a
 ``ConfigError`` naming the file, the key and the problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import inspect
-import re
 import ssl
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import cloudpickle
-import msgspec
 import tomli
 
 from mzconnector import (
@@ -31,74 +25,16 @@ from mzconnector import (
     RecordCodec,
     SchemaError,
     Welcome,
+    api_exports,
     encode_frame,
     parse_type,
 )
 
-from .api_modules import exported_names, load_api_module
+from .api_modules import load_api_module
 from .errors import ConfigError
-
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
-
-
-class TlsTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """``[connector.tls]``"""
-
-    enabled: bool = False
-    certfile: str = ""
-    keyfile: str = ""
-    cafile: str = ""
-    require_client_auth: bool = False
-
-
-class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """``[connector]``: the General tab, and the server's limits."""
-
-    host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 7777
-    allow_multiple_connections: bool = True
-    max_connections: Annotated[int, msgspec.Meta(ge=0, le=99999)] = 100
-    accepted_types: list[str] = []
-    input_routes: list[str] = []
-    output_routes: dict[str, str] = {}
-    # Connection control: each connect attempt becomes a ConnectionRequest on this route.
-    connection_control: bool = False
-    connection_request_route: str = ""
-    connection_request_timeout: Seconds = 10.0
-    # Records routed back go to the connection they came from (or name), not to everyone.
-    per_connection_routing: bool = False
-    # Limits: every buffer is bounded, every wait has a deadline.
-    max_frame_size: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = DEFAULT_MAX_FRAME_SIZE
-    max_nesting: Annotated[int, msgspec.Meta(ge=1, le=200)] = 32
-    handshake_timeout: Seconds = 10.0
-    route_buffer: Annotated[int, msgspec.Meta(ge=1)] = 16
-    outbox_size: Annotated[int, msgspec.Meta(ge=1)] = 64
-    delivery_timeout: Seconds = 5.0
-    shutdown_timeout: Seconds = 10.0
-    tls: TlsTable = TlsTable()
-
-
-class WorkflowTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    name: str = "workflow"
-
-
-class ApiTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    modules: list[str] = []
-
-
-class ProcessorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    name: str
-    entry: str
-    routes: list[str]
-
-
-class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    workflow: WorkflowTable = WorkflowTable()
-    connector: ConnectorTable = ConnectorTable()
-    api: ApiTable = ApiTable()
-    mim: dict[str, str] = {}
-    types: dict[str, dict[str, str]] = {}
-    processors: list[ProcessorTable] = []
+from .loader import load_entry
+from .mim import BUILTIN_MIMS
+from .tables import ConfigFile, ConnectorTable, TlsTable, convert_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +66,8 @@ class Config:
     api_modules: tuple[ApiModule, ...]
     processors: tuple[Processor, ...]
     ssl_context: ssl.SSLContext | None = None
+    #: What the config was built from (the TOML's structure), for ``replace_connector``.
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(
@@ -144,14 +82,13 @@ class Config:
         return _build(data, Path(base_dir).resolve(), source)
 
     def replace_connector(self, **changes: Any) -> Config:
-        """A copy with some ``[connector]`` keys changed (e.g. ``port=0``)."""
-        try:
-            connector = msgspec.convert(
-                {**msgspec.structs.asdict(self.connector), **changes}, ConnectorTable
-            )
-        except msgspec.ValidationError as exc:
-            raise _config_error(self.source, exc, prefix="connector") from None
-        return dataclasses.replace(self, connector=connector)
+        """A copy with some ``[connector]`` keys changed (e.g. ``port=0``, or
+        ``tls={"enabled": True, ...}``), checked as the TOML file is."""
+        connector = self.data.get("connector", {})
+        if not isinstance(connector, Mapping):
+            connector = {}
+        data = {**self.data, "connector": {**connector, **changes}}
+        return _build(data, self.base_dir, self.source)
 
     @property
     def routes(self) -> dict[str, str]:
@@ -172,56 +109,15 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot read the file: {exc.strerror or exc}") from None
     except tomli.TOMLDecodeError as exc:
-        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from None
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise ConfigError(str(path), "", f"not valid TOML at {where}: {exc.msg}") from None
     return _build(data, path.resolve().parent, str(path))
-
-
-_PATH = re.compile(r" - at `\$(.*)`$")
-_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
-
-
-def _config_error(source: str, exc: msgspec.ValidationError, prefix: str = "") -> ConfigError:
-    message = str(exc)
-    match = _PATH.search(message)
-    key = (prefix + (match.group(1) if match else "")).lstrip(".")
-    problem = _PATH.sub("", message)
-    unknown = _UNKNOWN.match(problem)
-    if unknown:
-        key = f"{key}.{unknown.group(1)}".lstrip(".")
-        problem = "unknown key"
-    return ConfigError(source, key or "(top level)", problem)
-
-
-def _check_names_tables(data: Mapping[str, Any], source: str) -> None:
-    """Tables keyed by user names ([mim], [types.X], [connector.output_routes]): msgspec's
-    error path leaves such names out, so check their values here and name the key."""
-    connector = data.get("connector")
-    tables: list[tuple[str, Any]] = [("mim", data.get("mim"))]
-    if isinstance(connector, Mapping):
-        tables.append(("connector.output_routes", connector.get("output_routes")))
-    types = data.get("types")
-    if isinstance(types, Mapping):
-        for name, fields in types.items():
-            if not isinstance(fields, Mapping):
-                raise ConfigError(
-                    source, f"types.{name}", f"Expected a table of fields, got {fields!r}"
-                )
-            tables.append((f"types.{name}", fields))
-    for prefix, table in tables:
-        if not isinstance(table, Mapping):
-            continue
-        for key, value in table.items():
-            if not isinstance(value, str):
-                kind = "int" if isinstance(value, int) else type(value).__name__
-                raise ConfigError(
-                    source, f"{prefix}.{key}", f"Expected `str`, got `{kind}` ({value!r})"
-                )
 
 
 def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
     # Processor entries given as callables (embedding) bypass the string check.
-    data = dict(data)
     given: dict[int, Callable[..., Any]] = {}
+    checked = dict(data)
     if isinstance(data.get("processors"), list):
         processors = []
         for i, p in enumerate(data["processors"]):
@@ -229,12 +125,8 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
                 given[i] = p["entry"]
                 p = {**p, "entry": f"<callable {getattr(p['entry'], '__qualname__', '?')}>"}
             processors.append(p)
-        data["processors"] = processors
-    _check_names_tables(data, source)
-    try:
-        raw = msgspec.convert(data, ConfigFile)
-    except msgspec.ValidationError as exc:
-        raise _config_error(source, exc) from None
+        checked["processors"] = processors
+    raw = convert_table(checked, ConfigFile, source)
 
     try:
         codec = RecordCodec(raw.types)
@@ -243,6 +135,10 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
 
     mim: dict[str, Any] = {}
     for name, text in raw.mim.items():
+        if name in BUILTIN_MIMS:
+            raise ConfigError(
+                source, f"mim.{name!r}", "is the name of a built-in MIM; choose another name"
+            )
         try:
             mim[name] = parse_type(text, {})
         except SchemaError as exc:
@@ -253,7 +149,9 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
     processors = tuple(
         Processor(
             name=p.name,
-            function=given[i] if i in given else _load_entry(p.entry, base_dir, source, i),
+            function=given[i]
+            if i in given
+            else load_entry(p.entry, base_dir, source, f"processors[{i}].entry"),
             routes=tuple(p.routes),
         )
         for i, p in enumerate(raw.processors)
@@ -280,6 +178,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         api_modules=api_modules,
         processors=processors,
         ssl_context=ssl_context,
+        data=data,
     )
 
 
@@ -413,12 +312,21 @@ def _check_welcome_fits(raw: ConfigFile, modules: tuple[ApiModule, ...], source:
             f"{raw.connector.max_frame_size} bytes is too small for the schema and API modules "
             f"clients receive at connect ({size} bytes)",
         )
+    # A client learns the frame size from the Welcome itself: until then it takes frames of
+    # up to the protocol's default size, whatever max_frame_size says.
+    if size > DEFAULT_MAX_FRAME_SIZE:
+        raise ConfigError(
+            source,
+            "api.modules",
+            f"the schema and API modules clients receive at connect take {size} bytes; a client "
+            f"takes at most {DEFAULT_MAX_FRAME_SIZE} bytes before it has connected",
+        )
 
 
 def _check_api_names(modules: tuple[ApiModule, ...], source: str) -> None:
     owner: dict[str, str] = {}
     for i, module in enumerate(modules):
-        for name in exported_names(module):
+        for name in api_exports(module.source, module.name):
             if name in owner:
                 raise ConfigError(
                     source,
@@ -426,48 +334,3 @@ def _check_api_names(modules: tuple[ApiModule, ...], source: str) -> None:
                     f"{name!r} is exported by both {owner[name]!r} and {module.name!r}",
                 )
             owner[name] = module.name
-
-
-def _load_entry(entry: str, base_dir: Path, source: str, index: int) -> Callable[..., Any]:
-    """``path/to/file.py:function`` (relative to the TOML) or ``package.module:function``."""
-    key = f"processors[{index}].entry"
-    target, sep, attr = entry.rpartition(":")
-    if not sep or not target or not attr:
-        raise ConfigError(source, key, f"{entry!r} is not 'file.py:function' or 'module:function'")
-    try:
-        if target.endswith(".py") or "/" in target:
-            path = (base_dir / target).resolve()
-            if not path.is_file():
-                raise ConfigError(source, key, f"processor file {str(path)!r} does not exist")
-            module = _import_file(path)
-        else:
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(
-            source, key, f"cannot import {target!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise ConfigError(source, key, f"{target!r} has no function {attr!r}")
-    return function
-
-
-def _import_file(path: Path) -> Any:
-    name = "mzworkflow_" + re.sub(r"\W", "_", str(path.with_suffix("")).lstrip("/"))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    # Objects of classes defined in a workflow file reach clients that cannot import it.
-    cloudpickle.register_pickle_by_value(module)
-    return module

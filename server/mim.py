@@ -13,6 +13,23 @@ from typing import Any
 
 import msgspec
 
+#: The built-in MIM values, in the order clients see them; an assigned MIM takes another name.
+BUILTIN_MIMS = (
+    "Workflow Name",
+    "Started",
+    "Uptime",
+    "Connected Clients",
+    "Connections Accepted",
+    "Connections Refused",
+    "Records In",
+    "Bytes In",
+    "Records Out",
+    "Bytes Out",
+    "Records Refused",
+    "Undeliverable Records",
+    "Processor Errors",
+)
+
 
 class Counters:
     """The built-in counters. Plain attributes: incremented per batch, read on demand."""
@@ -87,20 +104,21 @@ class MimTable:
 
     def snapshot(self) -> dict[str, Any]:
         c = self.counters
-        values: dict[str, Any] = {
-            "Workflow Name": self.workflow,
-            "Started": self.started_at,
-            "Uptime": round(time.monotonic() - self._started, 3),
-            "Connected Clients": c.connections_open,
-            "Connections Accepted": c.connections_accepted,
-            "Connections Refused": c.connections_refused,
-            "Records In": c.records_in,
-            "Bytes In": c.bytes_in,
-            "Records Out": c.records_out,
-            "Bytes Out": c.bytes_out,
-            "Records Refused": c.records_refused,
-            "Undeliverable Records": c.undeliverable,
-            "Processor Errors": c.processor_errors,
-        }
+        builtin = (
+            self.workflow,
+            self.started_at,
+            round(time.monotonic() - self._started, 3),
+            c.connections_open,
+            c.connections_accepted,
+            c.connections_refused,
+            c.records_in,
+            c.bytes_in,
+            c.records_out,
+            c.bytes_out,
+            c.records_refused,
+            c.undeliverable,
+            c.processor_errors,
+        )
+        values: dict[str, Any] = dict(zip(BUILTIN_MIMS, builtin, strict=True))
         values.update(self.assigned.items())
         return values

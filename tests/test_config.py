@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mzconnector import DEFAULT_MAX_FRAME_SIZE
 from mzserver import Config, ConfigError, load_config
 from tests.conftest import ROOT, WORKFLOWS
 
@@ -190,7 +191,9 @@ def test_replace_connector(tmp_path: Path) -> None:
     changed = config.replace_connector(port=0, host="")
     assert (changed.connector.port, changed.connector.host) == (0, "")
     assert config.connector.port == 7777  # frozen: the original is unchanged
-    with pytest.raises(ConfigError, match=r"connector\.port: Expected `int` <= 65535"):
+    with pytest.raises(
+        ConfigError, match=r"connector\.port: expected an integer from 0 to 65535, got 70000$"
+    ):
         config.replace_connector(port=70000)
 
 
@@ -213,25 +216,25 @@ def test_replace_connector(tmp_path: Path) -> None:
         pytest.param(
             {"connector": 'port = "7777"'},
             "connector.port",
-            "Expected `int`, got `str`",
+            "expected an integer from 0 to 65535, got the string '7777'",
             id="wrong-type",
         ),
         pytest.param(
             {"connector": 'allow_multiple_connections = "yes"'},
             "connector.allow_multiple_connections",
-            "Expected `bool`, got `str`",
+            "expected true or false, got the string 'yes'",
             id="wrong-type-bool",
         ),
         pytest.param(
             {"connector": "max_connections = 100000"},
             "connector.max_connections",
-            "Expected `int` <= 99999",
+            "expected an integer from 0 to 99999, got 100000",
             id="max-connections-too-large",
         ),
         pytest.param(
             {"connector": "max_connections = -1"},
             "connector.max_connections",
-            "Expected `int` >= 0",
+            "expected an integer from 0 to 99999, got -1",
             id="max-connections-negative",
         ),
         pytest.param(
@@ -364,7 +367,7 @@ def test_wrong_type_in_a_table_of_names_names_the_key(
     tmp_path: Path, parts: dict[str, str], key: str
 ) -> None:
     error = config_error(write(tmp_path, **parts))
-    assert "Expected `str`, got `int`" in error.problem
+    assert error.problem.startswith("expected a string, got ")
     assert key in str(error)
 
 
@@ -448,6 +451,69 @@ def test_api_all_may_name_imported_names(tmp_path: Path) -> None:
     assert [m.name for m in config.api_modules] == ["reexport"]
 
 
+def test_an_alias_of_an_imported_function_clashes_like_a_definition(tmp_path: Path) -> None:
+    (tmp_path / "one.py").write_text("from math import floor\n\nround_down = floor\n")
+    (tmp_path / "two.py").write_text("def round_down(x):\n    return int(x)\n")
+    error = config_error(write(tmp_path, extra='[api]\nmodules = ["one.py", "two.py"]'))
+    assert error.key == "api.modules[1]"
+    assert error.problem == "'round_down' is exported by both 'one' and 'two'"
+
+
+def test_a_processor_file_imports_a_module_beside_it(tmp_path: Path) -> None:
+    flows = tmp_path / "flows"
+    (flows / "shared").mkdir(parents=True)
+    (flows / "rates.py").write_text("VAT = 0.25\n")
+    (flows / "shared" / "__init__.py").write_text("from .units import CENTS\n")
+    (flows / "shared" / "units.py").write_text("CENTS = 100\n")
+    # A module beside it never shadows the standard library: `json` stays the real one.
+    (flows / "json.py").write_text("raise RuntimeError('the workflow folder shadowed json')\n")
+    (flows / "pricing.py").write_text(
+        "import json\n\nimport rates\nfrom shared import CENTS\n\n"
+        "def price(record, ctx):\n"
+        "    ctx.route('back', json.dumps([rates.VAT, CENTS]).encode())\n"
+    )
+    config = load_config(write(flows, processors=proc("p", "pricing.py:price", '["p"]')))
+    price = config.processors[1].function
+    assert price.__globals__["rates"].VAT == 0.25
+    assert price.__globals__["CENTS"] == 100
+    assert price.__globals__["json"].dumps([1]) == "[1]"
+
+
+def test_assigned_mims_cannot_take_a_built_in_name(tmp_path: Path) -> None:
+    error = config_error(write(tmp_path, extra='[mim]\n"Uptime" = "float"'))
+    assert error.key == "mim.'Uptime'"
+    assert error.problem == "is the name of a built-in MIM; choose another name"
+
+
+def test_what_clients_get_at_connect_must_fit_before_they_know_the_frame_size(
+    tmp_path: Path,
+) -> None:
+    """A client takes frames of the protocol's default size until the Welcome tells it more;
+    a larger max_frame_size does not make a larger Welcome readable."""
+    big = "X = " + repr("x" * (DEFAULT_MAX_FRAME_SIZE + 10)) + "\n"
+    (tmp_path / "big_api.py").write_text(big)
+    extra = '[api]\nmodules = ["big_api.py"]'
+    connector = f"max_frame_size = {4 * DEFAULT_MAX_FRAME_SIZE}"
+    error = config_error(write(tmp_path, extra=extra, connector=connector))
+    assert error.key == "api.modules"
+    assert f"a client takes at most {DEFAULT_MAX_FRAME_SIZE} bytes" in error.problem
+
+
+def test_replace_connector_checks_what_it_changes(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        config.replace_connector(tls={"enabled": True})
+    assert info.value.key == "connector.tls.certfile"
+    assert info.value.problem == "TLS is enabled but no file is given"
+    with pytest.raises(ConfigError) as info:
+        config.replace_connector(accepted_types=["Subscriber", "bytes"])
+    assert info.value.key == "connector.output_routes"
+    assert info.value.problem.startswith("accepted type 'bytes' has no output route")
+    with pytest.raises(ConfigError) as info:
+        config.replace_connector(colour="red")
+    assert info.value.key == "connector.colour"
+
+
 def test_from_dict_errors_name_the_source() -> None:
     with pytest.raises(ConfigError) as info:
         Config.from_dict(
@@ -484,7 +550,7 @@ def run_server(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
     [
         (
             {"connector": "max_connections = 100000"},
-            "connector.max_connections: Expected `int` <= 99999",
+            "connector.max_connections: expected an integer from 0 to 99999, got 100000",
         ),
         ({"connector": "colour = 'red'"}, "connector.colour: unknown key"),
         (

@@ -214,9 +214,9 @@ def test_refused_record_raises_at_the_next_call(echo_server: ServerProcess) -> N
         with pytest.raises(mzconnector.RecordRefused) as info:
             conn.flush()
         assert info.value.errors == [
-            mzconnector.RecordError(1, "Subscriber", "balance", "Expected `int`, got `str`")
+            mzconnector.RecordError(1, "Subscriber", "balance", "expected int, got str 'two'")
         ]
-        assert "record #1 (Subscriber.balance): Expected `int`, got `str`" in str(info.value)
+        assert "record #1 (Subscriber.balance): expected int, got str 'two'" in str(info.value)
         # The records around it were delivered; the connection and the server are still up.
         assert receive_n(conn, 2) == [good1, good2]
         conn.flush()
@@ -529,7 +529,18 @@ def test_api_without_all_exposes_every_public_name(start_server: StartServer) ->
 def test_api_without_all_exposes_only_what_it_defines(start_server: StartServer) -> None:
     server = start_server(str(WORKFLOWS / "rich.toml"))
     with connect(server) as conn:
-        assert sorted(conn.api) == ["Counter", "GREETING", "echo_bytes", "hypotenuse", "triple"]
+        assert sorted(conn.api) == [
+            "Counter",
+            "GREETING",
+            "echo_bytes",
+            "hypotenuse",
+            "round_down",
+            "triple",
+        ]
+        assert conn.api.round_down(2.5) == 2
+        # The server applies the same rule (it finds clashes between modules with it).
+        source = (WORKFLOWS / "api_noall.py").read_text()
+        assert sorted(mzconnector.api_exports(source)) == sorted(conn.api)
 
 
 def test_api_modules_by_path_and_by_name(start_server: StartServer) -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mzconnector import (
     DEFAULT_MAX_FRAME_SIZE,
     MAGIC,
+    MAX_BATCH_RECORDS,
     NEED_DATA,
     PROTOCOL_VERSION,
     Ack,
@@ -243,8 +244,10 @@ def test_sending_an_oversize_frame_is_a_local_error() -> None:
     client.max_frame_size = 1024
     with pytest.raises(LocalProtocolError, match="exceeds the maximum of 1024"):
         client.send(records([b"x" * 2000]))
-    assert client.state is State.OPEN  # nothing was sent; the connection is still usable
-    assert len(client.send(Flush())) > 4
+    # As in h11, a local protocol error is final: nothing more is sent on this connection.
+    assert client.state is State.ERROR
+    with pytest.raises(LocalProtocolError, match="in state error"):
+        client.send(Flush())
 
 
 @pytest.mark.parametrize("cut", [1, 3, 4, 5, -1])
@@ -322,7 +325,10 @@ def test_hello_with_wrong_field_type_is_a_remote_error() -> None:
     server = Protocol(Role.SERVER)
     body = msgspec.msgpack.encode(["Hello", "one"])
     server.receive_data(MAGIC + HEADER.pack(len(body)) + body)
-    with pytest.raises(RemoteProtocolError, match=r"malformed frame: Expected `int`, got `str`"):
+    with pytest.raises(
+        RemoteProtocolError,
+        match=r"^malformed frame: Hello\.protocol: expected int, got str 'one'$",
+    ):
         server.next_event()
 
 
@@ -347,7 +353,7 @@ def test_client_may_not_send_records_before_hello() -> None:
         match=r"client may not send Records\b.*\bhello",
     ):
         client.send(records([b"x"]))
-    assert client.state is State.HELLO
+    assert client.state is State.ERROR
 
 
 def test_client_may_not_send_records_before_welcome() -> None:
@@ -368,9 +374,7 @@ def test_server_may_not_send_ack_before_welcome() -> None:
     feed_whole(server, client_hello())
     with pytest.raises(LocalProtocolError, match=r"server may not send Ack\b.*\bwelcome"):
         server.send(Ack(0))
-    assert server.state is State.WELCOME
-    server.send(welcome())  # still possible: the failed send changed nothing
-    assert server.state is State.OPEN
+    assert server.state is State.ERROR
 
 
 def test_server_may_not_send_welcome_before_hello() -> None:
@@ -434,6 +438,92 @@ def test_bye_closes_only_the_senders_side(feed: Any) -> None:
     assert events[1] == Ack(1)
     with pytest.raises(LocalProtocolError):
         server.send(Ack(1))  # after its own Bye, nothing more
+
+
+def test_a_remote_protocol_error_is_final() -> None:
+    client, server = open_pair()
+    server.receive_data(bytes(encode_frame(Ack(1))))  # a server message, from the client
+    with pytest.raises(RemoteProtocolError, match="client may not send Ack"):
+        server.next_event()
+    assert server.states[Role.CLIENT] is State.ERROR
+    # Whatever arrives after it is never read: the client broke the protocol.
+    server.receive_data(bytes(client.send(Flush())))
+    with pytest.raises(RemoteProtocolError, match="already broke the protocol"):
+        server.next_event()
+    # The server may still say why it closes, and then nothing more.
+    assert server.may_send(Error)
+    server.send(Error("protocol error"))
+    assert server.state is State.CLOSED
+    assert server.states[Role.CLIENT] is State.ERROR  # an Error does not make it clean
+    assert not server.may_send(Error)
+
+
+def test_a_local_protocol_error_is_final() -> None:
+    client, _ = open_pair()
+    with pytest.raises(LocalProtocolError, match="client may not send Ack"):
+        client.send(Ack(1))
+    assert client.state is State.ERROR
+    assert not client.may_send(Flush)
+    with pytest.raises(LocalProtocolError, match="in state error"):
+        client.send(Flush())
+
+
+def test_frames_encoded_once_pass_the_table_too() -> None:
+    """Records encoded once for many clients still pass each connection's table: nothing
+    overtakes the Welcome."""
+    frames = encode_record_frames([b"x"], 4096)
+    server = Protocol(Role.SERVER)
+    server.receive_data(client_hello())
+    server.next_event()
+    with pytest.raises(LocalProtocolError, match=r"server may not send Records.*welcome"):
+        server.send_records(frames)
+    server = Protocol(Role.SERVER)
+    server.receive_data(client_hello())
+    server.next_event()
+    server.send(welcome())
+    assert server.send_records(frames) is frames
+
+
+def test_need_data_is_a_sentinel() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert isinstance(NEED_DATA, type)
+    assert Protocol(Role.SERVER).next_event() is NEED_DATA
+
+
+def test_a_batch_over_the_record_limit_is_refused_from_its_header() -> None:
+    _, server = open_pair()
+    count = MAX_BATCH_RECORDS + 1
+    # Nils: not records at all, yet the count is refused before any item is looked at.
+    items = (
+        b"\xdc" + count.to_bytes(2, "big") if count < 2**16 else b"\xdd" + count.to_bytes(4, "big")
+    )
+    frame = encode_frame(Records(msgspec.Raw(items + b"\xc0" * count)))
+    with pytest.raises(RemoteProtocolError, match=f"batch of {count} records exceeds"):
+        feed_whole(server, bytes(frame))
+
+
+def test_a_batch_at_the_record_limit_is_taken_and_larger_ones_are_split() -> None:
+    _, server = open_pair()
+    items = [b""] * MAX_BATCH_RECORDS
+    [event] = feed_whole(server, bytes(encode_frame(records(items))))
+    assert len(msgspec.msgpack.decode(event.items)) == MAX_BATCH_RECORDS
+    frames = encode_record_frames([b""] * (2 * MAX_BATCH_RECORDS + 1), DEFAULT_MAX_FRAME_SIZE)
+    events = feed_whole(server, b"".join(map(bytes, frames)))
+    assert [len(batch) for batch in raw_items(events)] == [MAX_BATCH_RECORDS] * 2 + [1]
+
+
+@pytest.mark.parametrize("items", [b"\xc0", b"\x81\xa1a\x01", b"\x05"])
+def test_a_batch_that_is_not_an_array_is_a_remote_error(items: bytes) -> None:
+    _, server = open_pair()
+    with pytest.raises(RemoteProtocolError, match="a batch of records must be an array"):
+        feed_whole(server, bytes(encode_frame(Records(msgspec.Raw(items)))))
+
+
+def test_bad_utf8_in_a_frame_is_said_in_our_words() -> None:
+    server = Protocol(Role.SERVER)
+    body = b"\x95\xa5Hello\x01\xa1\xff\x80\xa0"  # ["Hello", 1, "\xff", {}, ""]
+    with pytest.raises(RemoteProtocolError, match=r"^malformed frame: a string is not valid UTF-8"):
+        feed_whole(server, MAGIC + HEADER.pack(len(body)) + body)
 
 
 def test_server_may_report_an_error_before_hello() -> None:

@@ -201,9 +201,7 @@ def test_mixed_batch_with_bytes_and_pickled(codec: RecordCodec) -> None:
 
 def test_decoder_validates(codec: RecordCodec) -> None:
     bad = msgspec.msgpack.encode([["Address", 5, None]])
-    with pytest.raises(
-        msgspec.ValidationError, match=r"Expected `str`, got `int` - at `\$\[0\]\[1\]`"
-    ):
+    with pytest.raises(msgspec.ValidationError):
         codec.decoder(["Address"]).decode(bad)
 
 
@@ -331,17 +329,37 @@ def explain(
 def test_explain_names_type_and_field(codec: RecordCodec) -> None:
     name, field, problem = explain(codec, make_event(codec, label=5))
     assert (name, field) == ("Event", "label")
-    assert problem == "Expected `str`, got `int`"
+    assert problem == "expected str, got int 5"
 
 
-def test_explain_names_the_outer_field_of_a_nested_problem(codec: RecordCodec) -> None:
+def test_explain_follows_a_nested_problem_down_to_its_field(codec: RecordCodec) -> None:
     Address = codec.types["Address"]
     name, field, problem = explain(
         codec, make_event(codec, history=[Address(street="ok"), Address(street=1)])
     )
-    assert (name, field) == ("Event", "history")
-    assert "Expected `str`, got `int`" in problem
-    assert "$[1]" in problem
+    assert (name, field, problem) == ("Event", "history[1].street", "expected str, got int 1")
+
+
+def test_explain_names_the_key_of_a_bad_dict_value_and_the_optional_type(
+    codec: RecordCodec,
+) -> None:
+    Address = codec.types["Address"]
+    lookup = {"k": [None, Address(street="S")], "bad": [Address(street="S"), 7]}
+    name, field, problem = explain(codec, make_event(codec, lookup=lookup))
+    assert (name, field, problem) == (
+        "Event",
+        "lookup['bad'][1]",
+        "expected Address | None, got int 7",
+    )
+    name, field, problem = explain(codec, make_event(codec, counts={"a": 1, "b": "high"}))
+    assert (name, field, problem) == ("Event", "counts['b']", "expected int, got str 'high'")
+
+
+def test_explain_says_bad_utf8_in_its_own_words(codec: RecordCodec) -> None:
+    good = msgspec.msgpack.encode(make_event(codec, label="\u00e9t\u00e9"))
+    bad = good.replace("\u00e9t\u00e9".encode(), b"\xff\xfe\xfd\xfc\xfb")
+    assert len(bad) == len(good)
+    assert codec.explain(bad, ["Event"]) == ("Event", "label", "a string is not valid UTF-8")
 
 
 def test_explain_wrong_datetime(codec: RecordCodec) -> None:
@@ -352,7 +370,7 @@ def test_explain_bool_for_int(codec: RecordCodec) -> None:
     assert explain(codec, make_event(codec, id=False)) == (
         "Event",
         "id",
-        "Expected `int`, got `bool`",
+        "expected int, got bool False",
     )
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from math import floor
 
 GREETING = "hello from the API"
+#: An alias of an imported function is the module's own name: exported, on both sides.
+round_down = floor
 
 
 def triple(x: float) -> float:
