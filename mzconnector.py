@@ -298,9 +298,11 @@ class Ack(Message):
 
 
 class Refused(Message):
-    """Server -> client: records the server refused."""
+    """Server -> client: records the server refused; the first of a batch are described in
+    ``errors``, and ``omitted`` counts the rest."""
 
     errors: list[RecordError]
+    omitted: int = 0
 
 
 class GetMim(Message):

@@ -21,7 +21,9 @@ import trio
 
 from mzconnector import (
     PROTOCOL_VERSION,
+    LocalProtocolError,
     Pickled,
+    Records,
     Welcome,
     encode_record_frames,
 )
@@ -30,7 +32,8 @@ from .config import Config
 from .connections import ConnectionInfo
 from .errors import BindError
 from .mim import MimTable
-from .routes import Batch, RouteTable
+from .outbox import Waiting
+from .routes import Batch, OutputRoutes, RouteTable
 from .session import ServerConnection
 
 log = logging.getLogger("mzserver.connector")
@@ -39,6 +42,10 @@ log = logging.getLogger("mzserver.connector")
 #: routed batch is: the outbox is bounded in items, so this bounds it in memory.
 DELIVERY_RECORDS = 8192
 DELIVERY_BYTES = 1 << 20
+#: Room a frame needs beside the items of a batch.
+FRAME_OVERHEAD = 64
+_encoder = msgspec.msgpack.Encoder()
+_records_frame = msgspec.msgpack.Decoder(Records)
 
 
 class Connector:
@@ -55,13 +62,17 @@ class Connector:
         kinds = [bytes if n == "bytes" else codec.types[n] for n in accepted]
         self.batch_decoder = msgspec.msgpack.Decoder(list[Union[tuple(kinds)]]) if kinds else None
         self.item_decoder = msgspec.msgpack.Decoder(Union[tuple(kinds)]) if kinds else None
-        self.type_routes: dict[type, str] = {
-            (bytes if name == "bytes" else codec.types[name]): route
-            for name, route in settings.output_routes.items()
-        }
-        distinct = set(self.type_routes.values())
-        self.single_route = distinct.pop() if len(distinct) == 1 else None
-        self.wire_types = frozenset([*codec.types.values(), bytes])
+        self.output_routes = OutputRoutes(
+            {
+                (bytes if name == "bytes" else codec.types[name]): route
+                for name, route in settings.output_routes.items()
+            }
+        )
+        self.record_types = frozenset(codec.types.values())
+        self.wire_types = self.record_types | {bytes}
+        # What the workflow routes to clients is checked against its declared types before a
+        # byte of it is sent: a client's typed decoder would fail on the whole batch.
+        self._validator = codec.decoder([*codec.types, "bytes"]) if codec.types else None
         self.welcome = functools.partial(
             Welcome,
             protocol=PROTOCOL_VERSION,
@@ -77,9 +88,8 @@ class Connector:
         else:
             self.limit = settings.max_connections or math.inf
         self.limiter = trio.CapacityLimiter(self.limit)
-        self.connections: dict[int, ServerConnection] = {}
-        self._pending: dict[int, ServerConnection] = {}
-        self._all: set[ServerConnection] = set()
+        self.connections: dict[int, ServerConnection] = {}  # open: records go to these
+        self._sessions: dict[int, ServerConnection] = {}  # every live one, open or not yet
         self._ids = itertools.count(1)
         self._accepting = trio.CancelScope()
         self.stop_requested = trio.Event()
@@ -141,25 +151,38 @@ class Connector:
         self._accepting.cancel()
 
     def stop_reading(self) -> None:
-        for conn in list(self._all):
+        for conn in list(self._sessions.values()):
             conn.stop_reading()
 
     async def wait_readers_stopped(self) -> None:
-        for conn in list(self._all):
+        for conn in list(self._sessions.values()):
             await conn.reader_done.wait()
 
     def abort(self) -> None:
-        for conn in list(self._all):
+        for conn in list(self._sessions.values()):
             conn.abort()
+
+    # -- what sessions tell it --------------------------------------------------------------
+    def opened(self, conn: ServerConnection) -> None:
+        """A connection is open: records routed to clients go to it from now on."""
+        self.connections[conn.id] = conn
+
+    def closed(self, conn: ServerConnection) -> None:
+        """A connection takes no more records."""
+        self.connections.pop(conn.id, None)
+
+    def limit_reason(self) -> str:
+        if self.limit == 1 and not self.settings.allow_multiple_connections:
+            return "this connector allows one connection at a time, and one is open"
+        return f"the connection limit ({self.limit}) is reached"
 
     # -- what the workflow may do with connections (ConnectionControl) ------------------------
     def decide(self, connection_id: int, accept: bool, reason: str = "") -> None:
         """Accept or reject a pending connection request."""
-        conn = self._pending.get(connection_id)
+        conn = self._sessions.get(connection_id)
         if conn is None:
             raise LookupError(f"no connection request {connection_id} is waiting for a decision")
-        conn.decision = (accept, reason)
-        conn.decided.set()
+        conn.decide(accept, reason)
 
     def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None:
         """Send one connection's records of ``type_name`` on ``route`` from its next records
@@ -168,42 +191,24 @@ class Connector:
         if conn is None:
             raise LookupError(f"connection {connection_id} is not open")
         kind = bytes if type_name == "bytes" else self.config.codec.types.get(type_name)
-        if kind not in self.type_routes:
+        configured = self.output_routes.by_type
+        if kind not in configured:
             raise ValueError(f"{type_name!r} is not an accepted type ({', '.join(self.accepted)})")
         if route is not None and route not in self.routes:
             raise LookupError(f"no route {route!r} (routes: {', '.join(self.routes.names)})")
-        routes = dict(conn.type_routes)
-        routes[kind] = route if route is not None else self.type_routes[kind]
-        conn.type_routes = routes
-        distinct = set(routes.values())
-        conn.single_route = distinct.pop() if len(distinct) == 1 else None
+        conn.set_output_route(kind, route if route is not None else configured[kind])
 
     def connections_info(self) -> list[ConnectionInfo]:
         return [c.info for c in self.connections.values() if c.info is not None]
 
     # -- delivering records from the workflow -------------------------------------------------
     async def deliver(self, batch: Batch) -> None:
-        """Consumer of the input routes: send a batch to every client, or to the one it names."""
+        """Consumer of the input routes: send a batch to every client, or to the one it names.
+        Each client gets it as soon as its outbox has room; waiting for one that does not read
+        never holds up the others beyond that client's own ``delivery_timeout``, and once it
+        has timed out, records for it are counted undeliverable at once until it reads."""
         counters = self.mim.counters
-        wire_types = self.wire_types
-        items = []
-        payload = 0  # bytes of bytes payloads, to bound outbox items
-        for record in batch.records:
-            kind = type(record)
-            if kind in wire_types:
-                items.append(record)
-                if kind is bytes:
-                    payload += len(record)
-                continue
-            try:
-                items.append(Pickled(cloudpickle.dumps(record)))
-            except Exception as exc:
-                counters.undeliverable += 1
-                log.error(
-                    "cannot send a %s to clients (%s); counted as undeliverable",
-                    type(record).__name__,
-                    exc,
-                )
+        items, payload = self._wire_items(batch)
         if not items:
             return
         target = batch.connection
@@ -222,25 +227,139 @@ class Connector:
             )
             return
         for chunk in _delivery_chunks(items, payload):
-            frames = encode_record_frames(chunk, self.settings.max_frame_size)
+            frames, count = self._encode(chunk, batch)
+            if not count:
+                continue
+            waiting: list[tuple[ServerConnection, Waiting]] = []
             for conn in targets:
-                await conn.enqueue_records(frames, len(chunk))
+                left = conn.outbox.put_records_nowait(frames, count)
+                if left is not None:
+                    waiting.append((conn, left))
+            if len(waiting) == 1:
+                conn, left = waiting[0]
+                await conn.outbox.put_records_when_room(left)
+            elif waiting:
+                async with trio.open_nursery() as nursery:
+                    for conn, left in waiting:
+                        nursery.start_soon(conn.outbox.put_records_when_room, left)
+
+    def _wire_items(self, batch: Batch) -> tuple[list[Any], int]:
+        """What can travel of a batch: records and bytes as they are, other objects pickled
+        (counted undeliverable when they cannot be); and the bytes of its bytes payloads."""
+        wire_types = self.wire_types
+        items = []
+        payload = 0  # bytes of bytes payloads, to bound outbox items
+        for record in batch.records:
+            kind = type(record)
+            if kind in wire_types:
+                items.append(record)
+                if kind is bytes:
+                    payload += len(record)
+                continue
+            try:
+                items.append(Pickled(cloudpickle.dumps(record)))
+            except Exception as exc:
+                self.mim.counters.undeliverable += 1
+                log.error(
+                    "cannot send a %s to clients (%s); counted as undeliverable",
+                    type(record).__name__,
+                    exc,
+                )
+        return items, payload
+
+    def _encode(self, chunk: list[Any], batch: Batch) -> tuple[list[bytearray], int]:
+        """Frames of a chunk of items, checked: a record that does not match its declared type
+        is the routing processor's error, and an item too large for any frame is undeliverable;
+        either is left out, logged and counted. Returns the frames and how many items they
+        hold."""
+        limit = self.settings.max_frame_size
+        try:
+            frames = encode_record_frames(chunk, limit)
+        except LocalProtocolError:
+            chunk = self._fitting(chunk, limit - FRAME_OVERHEAD, batch)
+            frames = encode_record_frames(chunk, limit) if chunk else []
+        if self._validator is not None and not self._valid(frames, chunk):
+            chunk = self._matching(chunk, batch)
+            frames = encode_record_frames(chunk, limit) if chunk else []
+        return frames, len(chunk)
+
+    def _valid(self, frames: list[bytearray], chunk: list[Any]) -> bool:
+        validator = self._validator
+        assert validator is not None
+        try:
+            if any(type(item) is Pickled for item in chunk):  # the validator admits no pickles
+                records = [item for item in chunk if type(item) in self.record_types]
+                validator.decode(_encoder.encode(records))
+            else:
+                for frame in frames:
+                    validator.decode(_records_frame.decode(memoryview(frame)[4:]).items)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return False
+        return True
+
+    def _matching(self, chunk: list[Any], batch: Batch) -> list[Any]:
+        """The items of a chunk that match their declared types; each other one is logged and
+        counted as an error of the processor that routed it."""
+        validator = self._validator
+        assert validator is not None
+        codec = self.config.codec
+        kept = []
+        for item in chunk:
+            if type(item) in self.record_types:
+                encoded = _encoder.encode(item)
+                try:
+                    validator.decode(b"\x91" + encoded)  # a batch of this one record
+                except (msgspec.DecodeError, UnicodeDecodeError):
+                    name, field, problem = codec.explain(encoded, codec.types)
+                    self.mim.counters.processor_errors += 1
+                    log.error(
+                        "processor %r routed a %s to route %r that does not match its declared "
+                        "type (%s: %s); it is left out and counted as a processor error",
+                        batch.source or "?",
+                        name,
+                        batch.route,
+                        f"{name}.{field}" if field else name,
+                        problem,
+                    )
+                    continue
+            kept.append(item)
+        return kept
+
+    def _fitting(self, chunk: list[Any], limit: int, batch: Batch) -> list[Any]:
+        """The items of a chunk that fit in a frame; each other one is logged and counted
+        undeliverable."""
+        kept = []
+        for item in chunk:
+            size = len(_encoder.encode(item))
+            if size <= limit:
+                kept.append(item)
+                continue
+            self.mim.counters.undeliverable += 1
+            kind = "pickled object" if type(item) is Pickled else type(item).__name__
+            log.error(
+                "a %s of %d bytes on route %r does not fit in a frame (max_frame_size is %d "
+                "bytes); counted as undeliverable",
+                kind,
+                size,
+                batch.route,
+                self.settings.max_frame_size,
+            )
+        return kept
 
     # -- connections --------------------------------------------------------------------------
     async def _handle(self, stream: trio.abc.Stream) -> None:
         conn = ServerConnection(self, stream, next(self._ids))
-        self._all.add(conn)
+        self._sessions[conn.id] = conn
         try:
             await conn.run()
         except Exception as exc:
             if _only(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
-                log.info("connection %d (%s) lost: %s", conn.id, conn.peer, _first_cause(exc))
+                log.info("%s lost: %s", conn.name, _first_cause(exc))
             else:
-                log.exception("connection %d (%s) failed", conn.id, conn.peer)
+                log.exception("%s failed", conn.name)
         finally:
-            self._all.discard(conn)
+            del self._sessions[conn.id]
             conn.reader_done.set()
-            conn.close_twin()
             await trio.aclose_forcefully(stream)
 
 

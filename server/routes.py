@@ -9,7 +9,7 @@ yet processed, so that a graceful stop can wait until the workflow has finished 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
 import trio
@@ -22,6 +22,7 @@ class Batch(NamedTuple):
     records: list[Any]
     origin: ConnectionInfo | None  # the connection the records came from
     connection: int | None = None  # with per-connection routing: the connection they are for
+    source: str | None = None  # the processor that routed them (None: the connector)
 
 
 Target = Callable[[Batch], Awaitable[None]]
@@ -79,10 +80,40 @@ class RouteTable:
         records: list[Any],
         origin: ConnectionInfo | None = None,
         connection: int | None = None,
+        source: str | None = None,
     ) -> None:
         """Hand a batch to the route's consumer; waits while the consumer is full."""
         try:
             target = self._targets[route]
         except KeyError:
             raise UnknownRoute(route) from None
-        await target(Batch(route, records, origin, connection))
+        await target(Batch(route, records, origin, connection, source))
+
+
+class OutputRoutes:
+    """Where the connector sends what a client submits: accepted record class (or ``bytes``)
+    -> route. Each connection starts with the configured ones and may be given its own."""
+
+    __slots__ = ("by_type", "single")
+
+    def __init__(self, by_type: Mapping[type, str]) -> None:
+        self.by_type = dict(by_type)
+        distinct = set(self.by_type.values())
+        #: The one route every accepted type leaves on, if there is only one.
+        self.single = distinct.pop() if len(distinct) == 1 else None
+
+    def replace(self, kind: type, route: str) -> OutputRoutes:
+        return OutputRoutes({**self.by_type, kind: route})
+
+    def split(self, records: list[Any]) -> dict[str, list[Any]]:
+        """``records`` grouped by the route each leaves on, in order."""
+        groups: dict[str, list[Any]] = {}
+        by_type = self.by_type
+        for record in records:
+            route = by_type[type(record)]
+            group = groups.get(route)
+            if group is None:
+                groups[route] = [record]
+            else:
+                group.append(record)
+        return groups

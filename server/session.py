@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import socket
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -28,7 +26,6 @@ from mzconnector import (
     Hello,
     Message,
     Mim,
-    Notice,
     Protocol,
     RecordError,
     Records,
@@ -39,6 +36,8 @@ from mzconnector import (
 )
 
 from .connections import ConnectionEnded, ConnectionInfo, ConnectionRequest
+from .outbox import Outbox
+from .routes import OutputRoutes
 
 if TYPE_CHECKING:
     from .connector import Connector
@@ -48,9 +47,12 @@ log = logging.getLogger("mzserver.connector")
 #: Records taken between unsolicited acknowledgements (bounds what a client keeps for replay).
 ACK_EVERY = 65536
 RECEIVE_SIZE = 1 << 18
-#: The writer joins queued frames into one write up to this size.
-COALESCE_BYTES = 1 << 20
+#: Refused records described in detail per batch; the rest are counted.
+REFUSALS_DESCRIBED = 100
+#: The slow path lets other connections run after this many records.
+YIELD_EVERY = 1024
 _raw_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 def _nested_deeper_than(value: Any, limit: int) -> bool:
@@ -65,19 +67,6 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
     return False
-
-
-def _nonblocking_twin(stream: trio.abc.Stream) -> socket.socket | None:
-    """A duplicate of a plain TCP connection's socket, for sends that must not wait: trio has
-    no public "send what fits now" call. None for TLS and other streams."""
-    if not isinstance(stream, trio.SocketStream):
-        return None
-    trio_sock = stream.socket
-    twin = socket.socket(
-        trio_sock.family, trio_sock.type, trio_sock.proto, fileno=os.dup(trio_sock.fileno())
-    )
-    twin.setblocking(False)
-    return twin
 
 
 def _tls_subject(stream: trio.abc.Stream) -> str | None:
@@ -113,61 +102,67 @@ def _peer(stream: trio.abc.Stream) -> str:
 
 
 class ServerConnection:
-    """One client connection: handshake, then a reader and a writer task."""
+    """One client connection: handshake, admission, then a reader (here) and the writer of
+    its outbox. It owns its state; the connector and the workflow change it through its
+    methods (``decide``, ``set_output_route``, ``deliver``)."""
 
     def __init__(self, connector: Connector, stream: trio.abc.Stream, conn_id: int) -> None:
         self.connector = connector
+        self.settings = settings = connector.settings
         self.stream = stream
         self.id = conn_id
         self.peer = _peer(stream)
-        self.protocol = Protocol(Role.SERVER, max_frame_size=connector.settings.max_frame_size)
+        self.name = f"connection {conn_id} from {self.peer}"
+        self.protocol = Protocol(Role.SERVER, max_frame_size=settings.max_frame_size)
         self.counters = connector.mim.counters
         self.info: ConnectionInfo | None = None
+        self.output_routes: OutputRoutes = connector.output_routes
+        self.outbox: Outbox  # made when the connection opens
         # Cancelled to stop taking records: one scope for the handshake, one for the reader.
-        self.handshaking = trio.CancelScope()
-        self.reading = trio.CancelScope()
-        self.reader_done = trio.Event()
+        self._handshaking = trio.CancelScope()
+        self._reading = trio.CancelScope()
         self._guard = trio.CancelScope()
-        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[Any, int]](
-            connector.settings.outbox_size
-        )
-        self._farewell: Message | None = None
-        self.type_routes = connector.type_routes
-        self.single_route = connector.single_route
+        self.reader_done = trio.Event()
         self._holds_slot = False
-        self.decided = trio.Event()
-        self.decision: tuple[bool, str] = (False, "")
-        self.taken = 0
+        self._decided = trio.Event()
+        self._decision: tuple[bool, str] | None = None
+        self._awaiting_decision = False
+        self._taken = 0
         self._acked = 0
-        self.dropped = 0
-        self._dropped_reported = 0
-        # Items queued for the writer and not yet written; while any is, nothing may
-        # overtake them on the direct path.
-        self._unsent = 0
-        self._direct = _nonblocking_twin(stream)
 
+    # -- what others may do with it ---------------------------------------------------------
     def stop_reading(self) -> None:
-        self.handshaking.cancel()
-        self.reading.cancel()
+        self._handshaking.cancel()
+        self._reading.cancel()
 
     def abort(self) -> None:
         self.stop_reading()
         self._guard.cancel()
 
+    def decide(self, accept: bool, reason: str = "") -> None:
+        """Connection control: the workflow's answer to this connection's request."""
+        if not self._awaiting_decision or self._decided.is_set():
+            raise LookupError(f"no connection request {self.id} is waiting for a decision")
+        self._decision = (accept, reason)
+        self._decided.set()
+
+    def set_output_route(self, kind: type, route: str) -> None:
+        """From its next records on, this connection's records of ``kind`` leave on ``route``."""
+        self.output_routes = self.output_routes.replace(kind, route)
+
+    # -- the connection's life --------------------------------------------------------------
     async def run(self) -> None:
-        connector = self.connector
         try:
-            with self.handshaking:  # cancelled when the server stops
+            with self._handshaking:  # cancelled when the server stops
                 opened = await self._open()
             if opened:
                 await self._serve()
         finally:
             if self._holds_slot:
-                connector.limiter.release_on_behalf_of(self)
+                self.connector.limiter.release_on_behalf_of(self)
 
     async def _open(self) -> bool:
         """Handshake, limits, connection control; True once the client is welcomed."""
-        connector = self.connector
         hello = await self._handshake()
         if hello is None:
             return False
@@ -181,70 +176,78 @@ class ServerConnection:
                 tls_subject=_tls_subject(self.stream),
                 connected_at=datetime.datetime.now(datetime.timezone.utc),
             )
-            if connector.settings.connection_control:
+            if self.settings.connection_control:
                 refusal = await self._ask_workflow()
         if refusal is not None:
             self.counters.connections_refused += 1
-            log.info("connection %d from %s refused: %s", self.id, self.peer, refusal.reason)
+            log.info("%s refused: %s", self.name, refusal.reason)
             await self._send_now(refusal)
             return False
         return True
 
     async def _ask_workflow(self) -> Refuse | None:
         """Connection control: put the request on its route; wait for the decision."""
-        settings = self.connector.settings
+        settings = self.settings
         assert self.info is not None
-        self.connector._pending[self.id] = self
+        self._awaiting_decision = True
         try:
             with trio.move_on_after(settings.connection_request_timeout):
                 await self.connector.routes.send(
                     settings.connection_request_route, [ConnectionRequest(self.info)], self.info
                 )
-                await self.decided.wait()
+                await self._decided.wait()
         finally:
-            del self.connector._pending[self.id]
-        if not self.decided.is_set():
+            self._awaiting_decision = False
+        if self._decision is None:
             return Refuse(
                 "rejected",
                 f"the workflow made no decision within {settings.connection_request_timeout} s",
             )
-        accept, reason = self.decision
+        accept, reason = self._decision
         return None if accept else Refuse("rejected", reason or "rejected by the workflow")
 
     async def _serve(self) -> None:
-        """The open connection: a writer task, and the reader in this one."""
-        connector = self.connector
+        """The open connection: the outbox's writer, and the reader in this task."""
         counters = self.counters
         assert self.info is not None
-        # Registered before the Welcome is queued, and nothing overtakes the Welcome: a client
-        # never misses a broadcast made after it was told it is connected.
-        connector.connections[self.id] = self
+        self.outbox = Outbox(
+            self.stream,
+            self.protocol,
+            counters,
+            size=self.settings.outbox_size,
+            delivery_timeout=self.settings.delivery_timeout,
+            name=self.name,
+        )
+        # The Welcome passes the protocol as the connection is registered, with nothing in
+        # between: the table then keeps every broadcast from overtaking it.
+        self.connector.opened(self)
+        welcome = self.protocol.send(self.connector.welcome(connection_id=self.id))
+        self.outbox.put_bytes_nowait(welcome)
         counters.connections_accepted += 1
         counters.connections_open += 1
-        log.info("connection %d from %s (%s) open", self.id, self.peer, self.info.name or "unnamed")
+        log.info("%s (%s) open", self.name, self.info.name or "unnamed")
         reason = "the client closed the connection"
+        farewell: Message | None = None
         try:
-            await self._enqueue(connector.welcome(connection_id=self.id))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self.outbox.run)
                 try:
-                    reason = await self._read_loop()
+                    reason, farewell = await self._read_loop()
                     self.reader_done.set()
                     await self._tell_workflow_ended(reason)
-                    if self.reading.cancelled_caught:
+                    if self._reading.cancelled_caught:
                         # The server is stopping: deliver what the workflow still makes.
-                        self._farewell = Bye("the server is shutting down")
-                        await connector.drained.wait()
+                        await self.connector.drained.wait()
                 finally:
-                    connector.connections.pop(self.id, None)  # no more records for it
-                    self._outbox_send.close()
+                    self.connector.closed(self)  # no more records for it
+                    self.outbox.close(farewell)
         finally:
-            connector.connections.pop(self.id, None)
+            self.connector.closed(self)
             counters.connections_open -= 1
-            log.info("connection %d from %s closed: %s", self.id, self.peer, reason)
+            log.info("%s closed: %s", self.name, reason)
 
     async def _tell_workflow_ended(self, reason: str) -> None:
-        settings = self.connector.settings
+        settings = self.settings
         if settings.connection_control and self.info is not None:
             await self.connector.routes.send(
                 settings.connection_request_route, [ConnectionEnded(self.info, reason)], self.info
@@ -253,7 +256,8 @@ class ServerConnection:
     async def _handshake(self) -> Hello | None:
         """Read the client's Hello within the handshake timeout."""
         protocol = self.protocol
-        with trio.move_on_after(self.connector.settings.handshake_timeout) as scope:
+        timeout = self.settings.handshake_timeout
+        with trio.move_on_after(timeout) as scope:
             try:
                 while True:
                     event = protocol.next_event()
@@ -266,29 +270,18 @@ class ServerConnection:
                     else:  # Closed: the client left before saying hello
                         return None
             except RemoteProtocolError as exc:
-                log.warning("connection %d from %s: %s", self.id, self.peer, exc)
+                log.warning("%s: %s", self.name, exc)
                 await self._send_now(Error(str(exc)))
                 return None
-            except trio.BrokenResourceError as exc:
+            except _LOST as exc:
                 if isinstance(self.stream, trio.SSLStream):
-                    log.warning(
-                        "connection %d from %s: TLS handshake failed: %s",
-                        self.id,
-                        self.peer,
-                        exc.__cause__ or exc,
-                    )
-                    return None
-                raise
-        if scope.cancelled_caught and not self.handshaking.cancel_called:
-            log.warning(
-                "connection %d from %s: no hello within %s s; closing",
-                self.id,
-                self.peer,
-                self.connector.settings.handshake_timeout,
-            )
-            await self._send_now(
-                Error(f"no hello within {self.connector.settings.handshake_timeout} s")
-            )
+                    log.warning("%s: TLS handshake failed: %s", self.name, exc.__cause__ or exc)
+                else:
+                    log.info("%s lost before hello: %s", self.name, exc.__cause__ or exc)
+                return None
+        if scope.cancelled_caught and not self._handshaking.cancel_called:
+            log.warning("%s: no hello within %s s; closing", self.name, timeout)
+            await self._send_now(Error(f"no hello within {timeout} s"))
         return None
 
     def _admit(self, hello: Hello) -> Refuse | None:
@@ -301,250 +294,126 @@ class ServerConnection:
             )
         if connector.stop_requested.is_set():
             return Refuse("shutdown", "the server is shutting down")
-        limit = connector.settings.max_nesting
+        limit = self.settings.max_nesting
         if _nested_deeper_than(hello.metadata, limit):
             return Refuse("protocol", f"the metadata is nested more than {limit} levels deep")
         try:
             connector.limiter.acquire_on_behalf_of_nowait(self)
             self._holds_slot = True
         except trio.WouldBlock:
-            if connector.limit == 1 and not connector.settings.allow_multiple_connections:
-                reason = "this connector allows one connection at a time, and one is open"
-            else:
-                reason = f"the connection limit ({connector.limit}) is reached"
-            return Refuse("limit", reason)
+            return Refuse("limit", connector.limit_reason())
         return None
 
     async def _send_now(self, message: Message) -> None:
-        """Send a message directly (before the writer runs, or instead of it), best effort."""
-        try:
-            data = self.protocol.send(message)
-        except Exception:
-            log.exception("connection %d from %s: cannot send %s", self.id, self.peer, message)
+        """Send a message directly, before the writer runs (handshake answers), best effort."""
+        if not self.protocol.may_send(type(message)):
             return
-        with trio.move_on_after(self.connector.settings.handshake_timeout):
+        data = self.protocol.send(message)
+        with trio.move_on_after(self.settings.handshake_timeout):
             try:
                 await self.stream.send_all(data)
                 self.counters.bytes_out += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except _LOST:
                 pass
 
     # -- reading ------------------------------------------------------------------------------
-    async def _read_loop(self) -> str:
-        """Take records until the client leaves; returns why the reading ended."""
+    async def _read_loop(self) -> tuple[str, Message | None]:
+        """Take records until the client leaves; returns why the reading ended, and what to
+        tell the client last."""
         protocol = self.protocol
         stream = self.stream
         counters = self.counters
-        # A graceful stop cancels `reading`; once a chunk is read, `guard` is shielded so that
-        # the chunk is taken whole (abort() cancels `guard` itself). One scope toggled per chunk
-        # costs a fraction of a new scope per chunk.
-        with self.reading, self._guard as guard:
+        # A graceful stop cancels `reading`; while a chunk is taken, `guard` is shielded so
+        # that the chunk is taken whole (abort() cancels `guard` itself). One scope toggled
+        # per chunk costs a fraction of a new scope per chunk.
+        with self._reading, self._guard as guard:
             while True:
-                data = await stream.receive_some(RECEIVE_SIZE)
                 guard.shield = True
+                try:
+                    # Frames that came with the Hello are taken before anything more is read.
+                    for event in protocol.events():
+                        done = await self._on_event(event)
+                        if done is not None:
+                            return done, None
+                except RemoteProtocolError as exc:
+                    log.warning("%s: %s; closing", self.name, exc)
+                    return f"protocol error: {exc}", Error(str(exc))
+                guard.shield = False
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except _LOST as exc:
+                    return f"the connection was lost: {exc.__cause__ or exc}", None
                 counters.bytes_in += len(data)
                 protocol.receive_data(data)
-                try:
-                    for event in protocol.events():
-                        if await self._on_event(event):
-                            return "the client closed the connection"
-                except RemoteProtocolError as exc:
-                    log.warning("connection %d from %s: %s; closing", self.id, self.peer, exc)
-                    self._farewell = Error(str(exc))
-                    return f"protocol error: {exc}"
-                guard.shield = False
-        return "the server is shutting down"
+        return "the server is shutting down", Bye("the server is shutting down")
 
-    async def _on_event(self, event: Any) -> bool:
-        """Handle one event; True when the client is done."""
+    async def _on_event(self, event: Any) -> str | None:
+        """Handle one event; why the client is done, or None."""
         if isinstance(event, Records):
             await self._take(event.items)
         elif isinstance(event, Flush):
-            self._acked = self.taken
-            await self._enqueue(Ack(self.taken))
+            self._acked = self._taken
+            await self.outbox.put_message(Ack(self._taken))
         elif isinstance(event, GetMim):
-            await self._enqueue(Mim(self.connector.mim.snapshot()))
+            await self.outbox.put_message(Mim(self.connector.mim.snapshot()))
         elif isinstance(event, (Bye, Closed)):
-            return True
-        return False
+            return "the client closed the connection"
+        elif isinstance(event, Error):
+            log.warning("%s reported an error: %s", self.name, event.message)
+            return f"the client reported an error: {event.message}"
+        return None
 
     async def _take(self, raw: msgspec.Raw) -> None:
         connector = self.connector
         decoder = connector.batch_decoder
         errors: list[RecordError] = []
+        refused = 0
         try:
             if decoder is None:
                 raise msgspec.ValidationError("this connector accepts nothing")
             records = decoder.decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 is the latter
-            records, errors = self._take_one_by_one(raw)
+            records, errors, refused = await self._take_one_by_one(raw)
         counters = self.counters
         counters.records_in += len(records)
-        self.taken += len(records) + len(errors)
+        self._taken += len(records) + refused
         if records:
             info = self.info
             send = connector.routes.send
-            route = self.single_route
-            if route is not None:
-                await send(route, records, info)
+            routes = self.output_routes
+            if routes.single is not None:
+                await send(routes.single, records, info)
             else:
-                groups: dict[str, list[Any]] = {}
-                type_routes = self.type_routes
-                for record in records:
-                    route = type_routes[type(record)]
-                    group = groups.get(route)
-                    if group is None:
-                        groups[route] = [record]
-                    else:
-                        group.append(record)
-                for route, group in groups.items():
+                for route, group in routes.split(records).items():
                     await send(route, group, info)
-        if errors:
-            counters.records_refused += len(errors)
-            log.warning(
-                "connection %d from %s: refused %d record(s); first: %s",
-                self.id,
-                self.peer,
-                len(errors),
-                errors[0],
-            )
-            await self._enqueue(Refused(errors))
-        if self.taken - self._acked >= ACK_EVERY:
-            self._acked = self.taken
-            await self._enqueue(Ack(self.taken))
+        if refused:
+            counters.records_refused += refused
+            log.warning("%s: refused %d record(s); first: %s", self.name, refused, errors[0])
+            await self.outbox.put_message(Refused(errors, refused - len(errors)))
+        if self._taken - self._acked >= ACK_EVERY:
+            self._acked = self._taken
+            await self.outbox.put_message(Ack(self._taken))
 
-    def _take_one_by_one(self, raw: msgspec.Raw) -> tuple[list[Any], list[RecordError]]:
-        """The slow path, for a batch with a bad record: keep the good ones, explain the bad."""
+    async def _take_one_by_one(self, raw: msgspec.Raw) -> tuple[list[Any], list[RecordError], int]:
+        """The slow path, for a batch with a bad record: keep the good ones, describe the
+        first bad ones, count the rest. Other connections run between every few records."""
         connector = self.connector
-        try:
-            items = _raw_items.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"malformed batch of records: {exc}") from None
+        items = _raw_items.decode(raw)  # the protocol checked it is an array
         records: list[Any] = []
         errors: list[RecordError] = []
+        refused = 0
         decoder = connector.item_decoder
+        codec = connector.config.codec
         for i, item in enumerate(items):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await trio.lowlevel.checkpoint()
             try:
                 if decoder is None:
                     raise msgspec.ValidationError("nothing accepted")
                 records.append(decoder.decode(item))
             except (msgspec.DecodeError, UnicodeDecodeError):
-                type_name, field, problem = connector.config.codec.explain(item, connector.accepted)
-                errors.append(RecordError(self.taken + i, type_name, field, problem))
-        return records, errors
-
-    # -- writing ------------------------------------------------------------------------------
-    async def enqueue_records(self, frames: list[bytearray], count: int) -> None:
-        """Queue records for this client; if it does not read for ``delivery_timeout``
-        seconds, they are counted undeliverable and the client is told."""
-        if self._direct is not None and not self._unsent:
-            # The writer is idle: try to send at once, without a task switch. What the
-            # socket does not take now, the writer sends.
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            try:
-                sent = self._direct.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._undeliverable(count, f"the client is gone ({exc})")
-                return
-            self.counters.bytes_out += sent
-            if sent == len(data):
-                self.counters.records_out += count
-                return
-            frames = [memoryview(data)[sent:]]  # type: ignore[list-item]
-        item = (frames, count)
-        self._unsent += 1
-        try:
-            self._outbox_send.send_nowait(item)
-            return
-        except trio.WouldBlock:
-            pass
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self._unsent -= 1
-            self._undeliverable(count, "the connection is closing")
-            return
-        timeout = self.connector.settings.delivery_timeout
-        with trio.move_on_after(timeout):
-            try:
-                await self._outbox_send.send(item)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self._unsent -= 1
-                self._undeliverable(count, "the connection is closing")
-            return
-        self._unsent -= 1
-        self._undeliverable(count, f"the client read nothing for {timeout} s")
-
-    async def _enqueue(self, message: Message) -> None:
-        """Queue a control message for the writer (waits while the outbox is full)."""
-        self._unsent += 1
-        try:
-            await self._outbox_send.send((message, 0))
-        except BaseException:
-            self._unsent -= 1
-            raise
-
-    def close_twin(self) -> None:
-        if self._direct is not None:
-            self._direct.close()
-
-    def _undeliverable(self, count: int, why: str) -> None:
-        self.counters.undeliverable += count
-        self.dropped += count
-        log.warning(
-            "connection %d from %s: %d record(s) undeliverable: %s", self.id, self.peer, count, why
-        )
-
-    async def _write_loop(self) -> None:
-        outbox = self._outbox
-        protocol = self.protocol
-        counters = self.counters
-        records = 0  # records in the write under way
-        try:
-            async for payload, count in outbox:
-                parts: list[Any] = []
-                size = records = 0
-                taken = 1
-                while True:
-                    if count:
-                        parts.extend(payload)
-                        size += sum(map(len, payload))
-                        records += count
-                    else:
-                        data = protocol.send(payload)
-                        parts.append(data)
-                        size += len(data)
-                    if size >= COALESCE_BYTES:
-                        break
-                    try:
-                        payload, count = outbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    taken += 1
-                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
-                counters.records_out += records
-                records = 0
-                counters.bytes_out += size
-                if self.dropped > self._dropped_reported:
-                    lost = self.dropped - self._dropped_reported
-                    self._dropped_reported = self.dropped
-                    await self.stream.send_all(
-                        protocol.send(
-                            Notice(f"{lost} record(s) for this client were undeliverable", lost)
-                        )
-                    )
-                self._unsent -= taken
-            if self._farewell is not None:
-                self._unsent += 1  # nothing may overtake the farewell
-                await self.stream.send_all(protocol.send(self._farewell))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            lost = records
-            while True:
-                try:
-                    _, count = outbox.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                lost += count
-            if lost:
-                self._undeliverable(lost, f"the client is gone ({exc})")
-            outbox.close()
+                refused += 1
+                if len(errors) < REFUSALS_DESCRIBED:
+                    type_name, field, problem = codec.explain(item, connector.accepted)
+                    errors.append(RecordError(self._taken + i, type_name, field, problem))
+        return records, errors, refused

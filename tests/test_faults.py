@@ -358,8 +358,9 @@ def test_records_for_a_client_that_vanishes_mid_write_are_all_counted(
     with connect(server.port, name="watcher") as watcher:
         stuck = RawSocket(server.port, rcvbuf=4096)
         stuck.send(*[bytes_batch([b"flood:%d:%d" % (count, size)])] * floods)
-        # The writer is stuck on the first batch, the outbox holds two, one is dropped.
-        wait_for(lambda: watcher.mim()["Undeliverable Records"] == count, what="one drop")
+        # The writer is stuck on the first batch and the outbox holds two: once the write has
+        # been stuck for delivery_timeout, what does not fit is dropped.
+        wait_for(lambda: watcher.mim()["Undeliverable Records"] > 0, what="a drop")
         stuck.reset()
         wait_for(lambda: connected_clients(watcher) == 1, what="the stuck client is gone")
         values = watcher.mim()
