@@ -107,6 +107,22 @@ def test_the_banner_says_where_it_listens(echo_server: ServerProcess) -> None:
     )
 
 
+def test_a_folder_of_the_users_own_names_does_not_shadow_the_server(tmp_path: Path) -> None:
+    """Before: a ``server.py`` in the working folder shadowed ``python -m server``, and an
+    ``api_modules/`` package made the built-in workflow refuse to start."""
+    (tmp_path / "server.py").write_text("raise SystemExit('the user s own server.py ran')\n")
+    (tmp_path / "api_modules").mkdir()
+    (tmp_path / "api_modules" / "__init__.py").write_text("")
+    (tmp_path / "mzconnector_notes.py").write_text("")
+    server = ServerProcess(cwd=tmp_path)
+    try:
+        assert server.banner.startswith("mzserver: workflow 'echo' listening on")
+        with connect(server) as conn:
+            assert conn.api.double(21) == 42
+    finally:
+        assert server.stop()[0] == 0
+
+
 def test_default_port_is_7777() -> None:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
