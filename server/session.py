@@ -104,7 +104,7 @@ def _peer(stream: trio.abc.Stream) -> str:
 class ServerConnection:
     """One client connection: handshake, admission, then a reader (here) and the writer of
     its outbox. It owns its state; the connector and the workflow change it through its
-    methods (``decide``, ``set_output_route``, ``deliver``)."""
+    methods (``decide``, ``set_output_route``) and its ``outbox``."""
 
     def __init__(self, connector: Connector, stream: trio.abc.Stream, conn_id: int) -> None:
         self.connector = connector
