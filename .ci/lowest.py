@@ -25,7 +25,7 @@ def main() -> int:
         if match is None:
             print(f"no lower bound in {requirement!r}", file=sys.stderr)
             return 1
-        name = match.group(1).lower()
+        name = re.sub(r"[-_.]+", "-", match.group(1)).lower()  # PEP 503: pytest_trio = pytest-trio
         if name != "mzconnector":  # our own extras, e.g. "mzconnector[notebook]"
             pins[name] = match.group(2)
     for name, version in sorted(pins.items()):
