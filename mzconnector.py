@@ -938,10 +938,31 @@ class _TLSTransport(_Transport):
 
 def _tls_context(
     tls: bool | ssl.SSLContext, cafile: str | None, certfile: str | None, keyfile: str | None
-) -> ssl.SSLContext:
+) -> ssl.SSLContext | None:
+    """The TLS context of a connect, or None without TLS. TLS files that would be ignored are
+    a ``ValueError``: a client that meant TLS must not silently connect in plain text."""
+    files = [
+        f"{n}=" for n, v in (("cafile", cafile), ("certfile", certfile), ("keyfile", keyfile)) if v
+    ]
+    if not tls:
+        if files:
+            raise ValueError(
+                f"{', '.join(files)} given with tls=False: pass tls=True to connect over TLS"
+            )
+        return None
     if isinstance(tls, ssl.SSLContext):
+        if files:
+            raise ValueError(
+                f"{', '.join(files)} given with tls=<an SSLContext>: load them into the context "
+                "instead (load_verify_locations, load_cert_chain)"
+            )
         return tls
-    context = ssl.create_default_context(cafile=cafile)
+    if keyfile and not certfile:
+        raise ValueError("keyfile= given without certfile=: pass the client certificate too")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectError(f"cannot load the CA certificates {cafile!r}: {exc}") from exc
     if certfile:
         try:
             context.load_cert_chain(certfile, keyfile)
@@ -1292,9 +1313,7 @@ class Connection(_ClientBase):
         iterator: Iterable[Any] = records
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")
+            bar = _progress_bar(records)
         try:
             for chunk in _chunks(iterator, self._batch_size):
                 for record in chunk:
@@ -1614,6 +1633,15 @@ class Connection(_ClientBase):
         self._wake_w.close()
 
 
+def _progress_bar(records: Iterable[Any]) -> Any:
+    """A tqdm bar for ``submit_many(progress=True)`` (tqdm is imported only then)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("the progress bars of mzconnector need tqdm (pip install tqdm)") from None
+    return tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")
+
+
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(iterable)
     while chunk := list(itertools.islice(iterator, size)):
@@ -1643,6 +1671,7 @@ def connect(
     ``certfile``/``keyfile`` present a client certificate.
     """
     where = f"{host}:{port}"
+    context = _tls_context(tls, cafile, certfile, keyfile)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except TimeoutError:
@@ -1655,8 +1684,7 @@ def connect(
     _keepalive(sock, timeout)
     try:
         transport: _Transport
-        if tls:
-            context = _tls_context(tls, cafile, certfile, keyfile)
+        if context is not None:
             try:
                 transport = _TLSTransport(sock, context, host)
             except ssl.SSLError as exc:
@@ -2105,7 +2133,7 @@ async def connect_async(
     your event loop's own (``asyncio.timeout``, ``anyio.fail_after``, ``trio.move_on_after``).
     """
     where = f"{host}:{port}"
-    context = _tls_context(tls, cafile, certfile, keyfile) if tls else None
+    context = _tls_context(tls, cafile, certfile, keyfile)
     stream = await _open_async_stream(host, port, context, timeout)
     protocol = Protocol(Role.CLIENT)
     hello = Hello(
@@ -2381,9 +2409,3 @@ class AsyncConnection(_ClientBase):
         finally:
             self._mark_closed("closed by the client")
             await self._stream.aclose()
-
-
-def _progress_bar(records: Iterable[Any]) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")
