@@ -41,6 +41,7 @@ from __future__ import annotations
 import __future__
 
 import collections
+import contextlib
 import datetime
 import enum
 import itertools
@@ -121,6 +122,23 @@ class ConnectionRejected(ConnectError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"the workflow rejected the connection: {reason}")
         self.reason = reason
+
+
+class ConnectionLimitReached(ConnectionRefused):
+    """The server refused the connection: its connection limit is reached (or it takes one
+    connection at a time, and one is open)."""
+
+
+class HelloRefused(ConnectionRefused):
+    """The server refused what this client said when connecting: a protocol version it does
+    not speak, or ``metadata`` nested deeper than it allows (the message says which)."""
+
+
+class ServerShuttingDown(ConnectionRefused):
+    """The server refused the connection: it is shutting down."""
+
+
+__all__ += ["ConnectionLimitReached", "HelloRefused", "ServerShuttingDown"]
 
 
 class ConnectionClosed(MZConnectorError):
@@ -996,6 +1014,138 @@ def _describe_tls_error(exc: ssl.SSLError, where: str) -> str:
     return f"TLS handshake failed: {exc}"
 
 
+def _keepalive(sock: socket.socket, timeout: float) -> None:
+    """Notice a server that vanished without closing (a cut network, a dead host): TCP
+    keep-alive probes after ``timeout`` idle seconds make the connection fail, so no call
+    waits forever on a peer that is gone."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(timeout))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
+
+
+def _handshake_hint(tls: bool, cert_given: bool) -> str:
+    """What a server that drops a connection during the handshake most likely wants."""
+    if not tls:
+        return "(is it a TLS server? then connect with tls=True)"
+    if cert_given:
+        return "(TLS: does it accept this client certificate, signed by a CA it trusts?)"
+    return "(TLS: does it require a client certificate? pass certfile=...)"
+
+
+#: What each code of a ``Refuse`` raises ("rejected" is the workflow's own answer).
+_REFUSALS: dict[str, type[ConnectionRefused]] = {
+    "limit": ConnectionLimitReached,
+    "protocol": HelloRefused,
+    "shutdown": ServerShuttingDown,
+}
+
+
+class _Handshake:
+    """Opening a connection, for both clients, without I/O: the bytes to send first, the
+    server's answer read from the bytes that arrive, and every socket, TLS and timeout error of
+    the attempt mapped, once, to a ``ConnectError`` (as trio's
+    ``_translate_socket_errors_to_stream_errors`` and httpcore's ``map_exceptions`` do). Each
+    client runs it over its own streams::
+
+        with handshake.errors():
+            ...open the stream (TCP, then TLS)...
+            handshake.opened()
+            ...send handshake.hello...
+            while (welcome := handshake.receive(...some bytes...)) is None:
+                pass
+
+    What arrived after the ``Welcome`` stays in ``protocol``, for the connection to handle.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        name: str,
+        metadata: Mapping[str, Any] | None,
+        client: str,
+        tls: bool,
+        cert_given: bool,
+    ) -> None:
+        self.where = f"{host}:{port}"
+        self.timeout = timeout
+        self.protocol = Protocol(Role.CLIENT)
+        hello = Hello(
+            PROTOCOL_VERSION,
+            name=name,
+            metadata=dict(metadata or {}),
+            client=f"{client} (Python {sys.version.split()[0]})",
+        )
+        self.hello = self.protocol.send(hello)
+        self._tls = tls
+        self._hint = _handshake_hint(tls, cert_given)
+        self._opened = False
+
+    def opened(self) -> None:
+        """The stream is open: from now on, a failure is the handshake's."""
+        self._opened = True
+
+    def receive(self, data: bytes) -> Welcome | None:
+        """Feed what arrived (``b""`` at end of stream): the ``Welcome`` once it is complete,
+        None while more is needed. Raises the ``ConnectError`` the server's answer means."""
+        where = self.where
+        self.protocol.receive_data(data)
+        try:
+            event = self.protocol.next_event()
+        except RemoteProtocolError as exc:
+            raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
+        if event is NEED_DATA:
+            return None
+        if isinstance(event, Welcome):
+            if event.protocol != PROTOCOL_VERSION:
+                raise ConnectError(
+                    f"{where} speaks protocol {event.protocol}; "
+                    f"this client speaks {PROTOCOL_VERSION}"
+                )
+            return event
+        if isinstance(event, Refuse):
+            if event.code == "rejected":
+                raise ConnectionRejected(event.reason)
+            refused = _REFUSALS.get(event.code, ConnectionRefused)
+            raise refused(f"{where} refused the connection: {event.reason}")
+        if isinstance(event, Error):
+            raise ConnectError(f"{where} reported an error: {event.message}")
+        # The protocol admits nothing else before a Welcome: the server closed.
+        raise ConnectError(f"{where} closed the connection during the handshake {self._hint}")
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Socket, TLS and timeout errors of the attempt, as ``ConnectError``."""
+        where, timeout = self.where, self.timeout
+        try:
+            yield
+        except TimeoutError:
+            if not self._opened:
+                raise ConnectError(
+                    f"cannot connect to {where}: no answer within {timeout} s"
+                ) from None
+            hint = "" if self._tls else " (is it a TLS server? try tls=True)"
+            raise ConnectError(f"no answer from {where} within {timeout} s{hint}") from None
+        except ssl.SSLError as exc:
+            raise ConnectError(_describe_tls_error(exc, where)) from exc
+        except OSError as exc:
+            if not self._opened:
+                raise ConnectError(
+                    f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
+                ) from exc
+            raise ConnectError(
+                f"{where} dropped the connection during the handshake {self._hint}: {exc}"
+            ) from exc
+
+
 class UnloadableObject:
     """An object the workflow sent that cannot be unpickled here (often: its class was
     defined in a workflow file, which needs ``cloudpickle`` installed to load). ``load()``
@@ -1200,6 +1350,22 @@ class _ClientBase:
         if self._closed is None:
             self._closed = reason
 
+    def _handle(self, data: bytes | None = None) -> None:
+        """Feed what was read (None: handle only what is buffered, e.g. what arrived with the
+        Welcome) and handle every complete event. A broken protocol, or records that do not
+        decode as their declared types, end the connection."""
+        protocol = self._protocol
+        try:
+            if data is not None:
+                protocol.receive_data(data)
+            for event in protocol.events():
+                if self._on_event(event):  # type: ignore[attr-defined]
+                    return
+        except ProtocolError as exc:
+            self._mark_closed(f"protocol error: {exc}")
+        except msgspec.DecodeError as exc:
+            self._mark_closed(f"protocol error: records that do not decode: {exc}")
+
 
 class MimValues(dict):  # type: ignore[type-arg]
     """MIM values, name -> value: a dict that shows as a table in Jupyter."""
@@ -1257,6 +1423,7 @@ class Connection(_ClientBase):
         self._steal_requested = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._load_api(welcome.api)
+        self._handle()
 
         self._reader = threading.Thread(
             target=self._read_loop, name="mzconnector-reader", daemon=True
@@ -1533,15 +1700,11 @@ class Connection(_ClientBase):
             return
         try:
             data = self._transport.recv()
-            protocol = self._protocol
-            protocol.receive_data(data)
-            for event in protocol.events():
-                if self._on_event(event):
-                    return
-        except ProtocolError as exc:
-            self._mark_closed(f"protocol error: {exc}")
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             self._mark_closed(f"connection lost: {exc}")
+            return
+        try:
+            self._handle(data)
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self._mark_closed(f"reader failed: {exc!r}")
             raise
@@ -1670,124 +1833,53 @@ def connect(
     connects over TLS, verifying the server against ``cafile`` (or the system store);
     ``certfile``/``keyfile`` present a client certificate.
     """
-    where = f"{host}:{port}"
     context = _tls_context(tls, cafile, certfile, keyfile)
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except TimeoutError:
-        raise ConnectError(f"cannot connect to {where}: no answer within {timeout} s") from None
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
-        ) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _keepalive(sock, timeout)
-    try:
-        transport: _Transport
-        if context is not None:
-            try:
-                transport = _TLSTransport(sock, context, host)
-            except ssl.SSLError as exc:
-                raise ConnectError(_describe_tls_error(exc, where)) from exc
-        else:
-            transport = _Transport(sock)
-        protocol = Protocol(Role.CLIENT)
-        hello = Hello(
-            PROTOCOL_VERSION,
-            name=name,
-            metadata=dict(metadata or {}),
-            client=f"mzconnector {__version__} (Python {sys.version.split()[0]})",
-        )
-        transport.send(protocol.send(hello))
-        welcome = _await_welcome(transport, protocol, where, timeout, bool(certfile))
-    except BaseException:
-        sock.close()
-        raise
-    sock.settimeout(timeout)
-    return Connection(
-        transport,
-        protocol,
-        welcome,
+    handshake = _Handshake(
+        host,
+        port,
         timeout=timeout,
-        batch_size=batch_size,
-        linger=linger,
-        max_buffered=max_buffered,
+        name=name,
+        metadata=metadata,
+        client=f"mzconnector {__version__}",
+        tls=context is not None,
+        cert_given=bool(certfile),
     )
-
-
-def _keepalive(sock: socket.socket, timeout: float) -> None:
-    """Notice a server that vanished without closing (a cut network, a dead host): TCP
-    keep-alive probes after ``timeout`` idle seconds make the connection fail, so no call
-    waits forever on a peer that is gone."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    idle = max(1, int(timeout))
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
-        option = getattr(socket, name, None)
-        if option is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
-            except OSError:
-                pass
-
-
-def _handshake_hint(tls: bool, cert_given: bool) -> str:
-    """What a server that drops a connection during the handshake most likely wants."""
-    if not tls:
-        return "(is it a TLS server? then connect with tls=True)"
-    if cert_given:
-        return "(TLS: does it accept this client certificate, signed by a CA it trusts?)"
-    return "(TLS: does it require a client certificate? pass certfile=...)"
-
-
-def _welcome_or_raise(event: Any, where: str, hint: str) -> Welcome:
-    """The server's answer to Hello: the ``Welcome``, or the ``ConnectError`` it means."""
-    if isinstance(event, Welcome):
-        if event.protocol != PROTOCOL_VERSION:
-            raise ConnectError(
-                f"{where} speaks protocol {event.protocol}; this client speaks {PROTOCOL_VERSION}"
-            )
-        return event
-    if isinstance(event, Refuse):
-        if event.code == "rejected":
-            raise ConnectionRejected(event.reason)
-        raise ConnectionRefused(f"{where} refused the connection: {event.reason}")
-    if isinstance(event, Error):
-        raise ConnectError(f"{where} reported an error: {event.message}")
-    if isinstance(event, Closed):
-        raise ConnectError(f"{where} closed the connection during the handshake {hint}")
-    raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")
-
-
-def _await_welcome(
-    transport: _Transport, protocol: Protocol, where: str, timeout: float, cert_given: bool
-) -> Welcome:
     deadline = time.monotonic() + timeout
-    tls = isinstance(transport, _TLSTransport)
-    gone = _handshake_hint(tls, cert_given)
-    while True:
-        try:
-            event = protocol.next_event()
-        except RemoteProtocolError as exc:
-            raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
-        if event is NEED_DATA:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ConnectError(f"no answer from {where} within {timeout} s")
-            transport.sock.settimeout(remaining)
-            try:
-                data = transport.recv()
-            except TimeoutError:
-                hint = "" if tls else " (is it a TLS server? try tls=True)"
-                raise ConnectError(f"no answer from {where} within {timeout} s{hint}") from None
-            except ssl.SSLError as exc:
-                raise ConnectError(_describe_tls_error(exc, where)) from exc
-            except OSError as exc:
-                raise ConnectError(
-                    f"{where} dropped the connection during the handshake {gone}: {exc}"
-                ) from exc
-            protocol.receive_data(data)
-            continue
-        return _welcome_or_raise(event, where, gone)
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    sock = None
+    try:
+        with handshake.errors():
+            sock = socket.create_connection((host, port), timeout=timeout)
+            handshake.opened()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock, timeout)
+            sock.settimeout(remaining())
+            transport = _Transport(sock) if context is None else _TLSTransport(sock, context, host)
+            transport.send(handshake.hello)
+            welcome = None
+            while welcome is None:
+                sock.settimeout(remaining())
+                welcome = handshake.receive(transport.recv())
+        sock.settimeout(timeout)
+        return Connection(
+            transport,
+            handshake.protocol,
+            welcome,
+            timeout=timeout,
+            batch_size=batch_size,
+            linger=linger,
+            max_buffered=max_buffered,
+        )
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1951,25 +2043,13 @@ class _AsyncioStream:
         self._writer = writer
 
     @classmethod
-    async def open(
-        cls, host: str, port: int, context: ssl.SSLContext | None, timeout: float
-    ) -> _AsyncioStream:
+    async def open(cls, host: str, port: int, context: ssl.SSLContext | None) -> _AsyncioStream:
         import asyncio
 
         tls: dict[str, Any] = {}
         if context is not None:
-            tls = {"ssl": context, "server_hostname": host, "ssl_handshake_timeout": timeout}
-        reader, writer = await cls._deadline(timeout, asyncio.open_connection(host, port, **tls))
-        return cls(reader, writer)
-
-    @staticmethod
-    async def _deadline(timeout: float, awaitable: Any) -> Any:
-        import asyncio
-
-        try:
-            return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            raise TimeoutError from None
+            tls = {"ssl": context, "server_hostname": host}
+        return cls(*await asyncio.open_connection(host, port, **tls))
 
     @staticmethod
     def lock() -> Any:
@@ -1977,9 +2057,15 @@ class _AsyncioStream:
 
         return asyncio.Lock()
 
-    async def with_timeout(self, timeout: float, function: Callable[[], Any]) -> Any:
+    @staticmethod
+    async def with_timeout(timeout: float, function: Callable[[], Any]) -> Any:
         """``await function()``; ``TimeoutError`` if it takes more than ``timeout`` s."""
-        return await self._deadline(timeout, function())
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(function(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise TimeoutError from None
 
     async def send_all(self, data: bytes | bytearray) -> None:
         self._writer.write(data)
@@ -2013,38 +2099,45 @@ class _AsyncioStream:
 class _AnyioStream:
     """A byte stream over anyio (asyncio or trio). Raises ``OSError`` (incl. ``ssl.SSLError``)."""
 
-    def __init__(self, anyio: Any, stream: Any) -> None:
+    def __init__(self, stream: Any) -> None:
+        import anyio
+
         self._anyio = anyio
         self._stream = stream
         self._errors = (anyio.BrokenResourceError, anyio.ClosedResourceError)
 
     @classmethod
-    async def open(
-        cls, anyio: Any, host: str, port: int, context: ssl.SSLContext | None, timeout: float
-    ) -> _AnyioStream:
+    async def open(cls, host: str, port: int, context: ssl.SSLContext | None) -> _AnyioStream:
+        import anyio
+
         try:
-            with anyio.fail_after(timeout):
-                stream = await anyio.connect_tcp(
-                    host,
-                    port,
-                    tls=context is not None,
-                    ssl_context=context,
-                    tls_hostname=host if context is not None else None,
-                    # The server may close without a TLS close_notify: that is an end of stream.
-                    tls_standard_compatible=False,
-                )
+            stream = await anyio.connect_tcp(
+                host,
+                port,
+                tls=context is not None,
+                ssl_context=context,
+                tls_hostname=host if context is not None else None,
+                # The server may close without a TLS close_notify: that is an end of stream.
+                tls_standard_compatible=False,
+            )
         except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             raise ConnectionResetError(
                 "the server closed the connection during the TLS handshake"
             ) from exc
-        return cls(anyio, stream)
+        return cls(stream)
 
-    def lock(self) -> Any:
-        return self._anyio.Lock()
+    @staticmethod
+    def lock() -> Any:
+        import anyio
 
-    async def with_timeout(self, timeout: float, function: Callable[[], Any]) -> Any:
+        return anyio.Lock()
+
+    @staticmethod
+    async def with_timeout(timeout: float, function: Callable[[], Any]) -> Any:
         """``await function()``; ``TimeoutError`` if it takes more than ``timeout`` s."""
-        with self._anyio.fail_after(timeout):
+        import anyio
+
+        with anyio.fail_after(timeout):
             return await function()
 
     async def send_all(self, data: bytes | bytearray) -> None:
@@ -2079,32 +2172,19 @@ class _AnyioStream:
         await self._anyio.aclose_forcefully(self._stream)
 
 
-async def _open_async_stream(
-    host: str, port: int, context: ssl.SSLContext | None, timeout: float
-) -> _AsyncioStream | _AnyioStream:
-    where = f"{host}:{port}"
-    anyio = _import_anyio()
-    if anyio is None:
-        import asyncio
+def _async_stream_kind() -> type[_AsyncioStream] | type[_AnyioStream]:
+    """anyio's streams when anyio is installed (asyncio and trio), else asyncio's own."""
+    if _import_anyio() is not None:
+        return _AnyioStream
+    import asyncio
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise MZConnectorError(
-                "connect_async runs on asyncio; for other event loops (trio) install anyio"
-            ) from None
     try:
-        if anyio is None:
-            return await _AsyncioStream.open(host, port, context, timeout)
-        return await _AnyioStream.open(anyio, host, port, context, timeout)
-    except TimeoutError:
-        raise ConnectError(f"cannot connect to {where}: no answer within {timeout} s") from None
-    except ssl.SSLError as exc:
-        raise ConnectError(_describe_tls_error(exc, where)) from exc
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
-        ) from exc
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise MZConnectorError(
+            "connect_async runs on asyncio; for other event loops (trio) install anyio"
+        ) from None
+    return _AsyncioStream
 
 
 async def connect_async(
@@ -2132,58 +2212,39 @@ async def connect_async(
     longest ``flush``, ``mim`` and ``aclose`` wait for the server; to bound anything else, use
     your event loop's own (``asyncio.timeout``, ``anyio.fail_after``, ``trio.move_on_after``).
     """
-    where = f"{host}:{port}"
     context = _tls_context(tls, cafile, certfile, keyfile)
-    stream = await _open_async_stream(host, port, context, timeout)
-    protocol = Protocol(Role.CLIENT)
-    hello = Hello(
-        PROTOCOL_VERSION,
+    handshake = _Handshake(
+        host,
+        port,
+        timeout=timeout,
         name=name,
-        metadata=dict(metadata or {}),
-        client=f"mzconnector {__version__} async (Python {sys.version.split()[0]})",
+        metadata=metadata,
+        client=f"mzconnector {__version__} async",
+        tls=context is not None,
+        cert_given=bool(certfile),
     )
+    kind = _async_stream_kind()
+    stream = None
 
-    gone = _handshake_hint(context is not None, bool(certfile))
+    async def open_and_greet() -> Welcome:
+        nonlocal stream
+        stream = await kind.open(host, port, context)
+        handshake.opened()
+        await stream.send_all(handshake.hello)
+        while (welcome := handshake.receive(await stream.receive())) is None:
+            pass
+        return welcome
 
-    def lost(exc: OSError) -> ConnectError:
-        return ConnectError(f"{where} dropped the connection during the handshake {gone}: {exc}")
-
-    async def handshake() -> Welcome:
-        try:
-            await stream.send_all(protocol.send(hello))
-        except OSError as exc:
-            raise lost(exc) from exc
-        while True:
-            try:
-                event = protocol.next_event()
-            except RemoteProtocolError as exc:
-                raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
-            if event is not NEED_DATA:
-                return _welcome_or_raise(event, where, gone)
-            try:
-                data = await stream.receive()
-            except ssl.SSLError as exc:
-                raise ConnectError(_describe_tls_error(exc, where)) from exc
-            except OSError as exc:
-                raise lost(exc) from exc
-            protocol.receive_data(data)
-
-    opened = False
     try:
-        try:
-            welcome = await stream.with_timeout(timeout, handshake)
-        except TimeoutError:
-            raise ConnectError(
-                f"no answer from {where} within {timeout} s (is it a TLS server? try tls=True)"
-            ) from None
-        connection = AsyncConnection(
-            stream, protocol, welcome, timeout=timeout, batch_size=batch_size
+        with handshake.errors():
+            welcome = await kind.with_timeout(timeout, open_and_greet)
+        return AsyncConnection(
+            stream, handshake.protocol, welcome, timeout=timeout, batch_size=batch_size
         )
-        opened = True
-    finally:
-        if not opened:
+    except BaseException:
+        if stream is not None:
             await stream.aclose()
-    return connection
+        raise
 
 
 class AsyncConnection(_ClientBase):
@@ -2215,6 +2276,7 @@ class AsyncConnection(_ClientBase):
         self._send_lock = stream.lock()
         self._read_lock = stream.lock()
         self._load_api(welcome.api)
+        self._handle()
 
     # -- context manager, iteration and state -----------------------------------------------
     async def __aenter__(self) -> AsyncConnection:
@@ -2372,14 +2434,10 @@ class AsyncConnection(_ClientBase):
         """Read once and handle what arrived. The caller holds ``_read_lock``."""
         try:
             data = await self._stream.receive()
-            self._protocol.receive_data(data)
-            for event in self._protocol.events():
-                if self._on_event(event):
-                    return
-        except ProtocolError as exc:
-            self._mark_closed(f"protocol error: {exc}")
         except OSError as exc:
             self._mark_closed(f"connection lost: {exc}")
+            return
+        self._handle(data)
 
     def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the connection is over."""

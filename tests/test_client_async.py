@@ -26,3 +26,11 @@ def run_async(backend: str, main: Callable[[], Any], monkeypatch: pytest.MonkeyP
             return await main()
 
     return anyio.run(bounded, backend=backend)
+
+
+async def within(backend: str, seconds: float, awaitable: Any) -> Any:
+    """``await awaitable``, failing the test if it takes more than ``seconds``."""
+    if backend == "asyncio-without-anyio":
+        return await asyncio.wait_for(awaitable, seconds)
+    with anyio.fail_after(seconds):
+        return await awaitable
