@@ -138,7 +138,16 @@ class ServerShuttingDown(ConnectionRefused):
     """The server refused the connection: it is shutting down."""
 
 
-__all__ += ["ConnectionLimitReached", "HelloRefused", "ServerShuttingDown"]
+class ApiModuleError(ConnectError):
+    """An API module the server ships cannot run here: it imports a package this Python does
+    not have, or it raised. ``module`` names it; the connection was not opened."""
+
+    def __init__(self, module: str, message: str) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+__all__ += ["ApiModuleError", "ConnectionLimitReached", "HelloRefused", "ServerShuttingDown"]
 
 
 class ConnectionClosed(MZConnectorError):
@@ -1241,7 +1250,9 @@ class _Ledger:
 def _load_api_namespace(
     modules: list[ApiModule], provided: Mapping[str, Any]
 ) -> tuple[Namespace, dict[str, types.ModuleType]]:
-    """Run server-shipped API modules, each in a fresh module with the ``provided`` names."""
+    """Run server-shipped API modules, each in a fresh module with the ``provided`` names.
+    A module that cannot run here (a missing package, an error at import) is an
+    ``ApiModuleError`` naming it and the cause."""
     members: dict[str, Any] = {}
     loaded: dict[str, types.ModuleType] = {}
     for spec in modules:
@@ -1252,7 +1263,14 @@ def _load_api_namespace(
         # Register the source so tracebacks, inspect and help() can show it.
         lines = spec.source.splitlines(keepends=True)
         linecache.cache[filename] = (len(spec.source), None, lines, filename)
-        exec(compile(spec.source, filename, "exec"), vars(module))
+        try:
+            exec(compile(spec.source, filename, "exec"), vars(module))
+        except Exception as exc:
+            if isinstance(exc, ModuleNotFoundError) and exc.name:
+                problem = f"needs {exc.name!r}, which is not installed here"
+            else:
+                problem = f"cannot run here: {type(exc).__name__}: {exc}"
+            raise ApiModuleError(spec.name, f"API module {spec.name!r} {problem}") from exc
         for name in api_exports(module):
             members[name] = getattr(module, name)
         loaded[spec.name] = module
@@ -1422,7 +1440,12 @@ class Connection(_ClientBase):
         self._fg_last = 0.0
         self._steal_requested = False
         self._wake_r, self._wake_w = socket.socketpair()
-        self._load_api(welcome.api)
+        try:
+            self._load_api(welcome.api)
+        except BaseException:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
         self._handle()
 
         self._reader = threading.Thread(

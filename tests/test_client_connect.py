@@ -20,7 +20,9 @@ from mzconnector import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Error,
+    GetMim,
     Hello,
+    Mim,
     Protocol,
     Records,
     Refuse,
@@ -357,3 +359,112 @@ def test_one_connection_at_a_time_is_a_connection_limit(
         pytest.raises(mzconnector.ConnectionLimitReached, match="one connection at a time"),
     ):
         mzconnector.connect(server.host, server.port, timeout=10)
+
+
+# -- API modules that cannot run on the client -----------------------------------------------------
+
+NEEDS_A_MISSING_PACKAGE = '''"""Tools that need a package the client lacks."""
+
+import mzconnector_test_no_such_package.sub
+
+
+def tool():
+    return 1
+'''
+
+RAISES_AT_IMPORT = '''"""A module whose top level fails on the client."""
+
+SETTINGS = {}
+LIMIT = SETTINGS["limit"]
+'''
+
+API_FAILURES = [
+    (
+        {"tools.py": NEEDS_A_MISSING_PACKAGE},
+        "tools",
+        "API module 'tools' needs 'mzconnector_test_no_such_package', which is not installed here",
+    ),
+    (
+        {"fine.py": "def fine():\n    return 1\n", "broken.py": RAISES_AT_IMPORT},
+        "broken",
+        "API module 'broken' cannot run here: KeyError: 'limit'",
+    ),
+]
+
+
+def connected_clients(port: int) -> int:
+    """'Connected Clients', asked with the bare protocol (which does not run API modules)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        protocol = Protocol(Role.CLIENT)
+
+        def next_event() -> Any:
+            while (event := protocol.next_event()) is NEED_DATA:
+                protocol.receive_data(sock.recv(1 << 16))
+            return event
+
+        sock.sendall(protocol.send(Hello(PROTOCOL_VERSION, name="counter")))
+        assert isinstance(next_event(), Welcome)
+        sock.sendall(protocol.send(GetMim()))
+        while not isinstance(event := next_event(), Mim):
+            pass
+        return int(event.values["Connected Clients"])
+
+
+def only_the_counter_is_connected(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while connected_clients(port) != 1:  # the server sees the client's close a moment later
+        assert time.monotonic() < deadline, "the failed connection is still open"
+
+
+@pytest.mark.parametrize(("api", "module", "message"), API_FAILURES)
+def test_an_api_module_that_cannot_run_closes_the_connection(
+    api: dict[str, str],
+    module: str,
+    message: str,
+    start_server: StartServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = start_server(str(echo_workflow(tmp_path, api=api)))
+    opened: list[socket.socket] = []
+    create_connection = socket.create_connection
+
+    def record(*args: Any, **kwargs: Any) -> socket.socket:
+        opened.append(create_connection(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(socket, "create_connection", record)
+    threads = set(threading.enumerate())
+    with pytest.raises(mzconnector.ApiModuleError) as info:
+        mzconnector.connect(server.host, server.port, timeout=10)
+    assert str(info.value) == message
+    assert info.value.module == module
+    assert isinstance(info.value, mzconnector.ConnectError)
+    [sock] = opened
+    assert sock.fileno() == -1  # closed
+    assert set(threading.enumerate()) == threads  # no reader or linger thread left behind
+    monkeypatch.undo()
+    only_the_counter_is_connected(server.port)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("api", "module", "message"), API_FAILURES)
+def test_async_an_api_module_that_cannot_run_closes_the_connection(
+    backend: str,
+    api: dict[str, str],
+    module: str,
+    message: str,
+    start_server: StartServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = start_server(str(echo_workflow(tmp_path, api=api)))
+
+    async def main() -> None:
+        with pytest.raises(mzconnector.ApiModuleError) as info:
+            await mzconnector.connect_async(server.host, server.port, timeout=10)
+        assert str(info.value) == message
+        assert info.value.module == module
+
+    run_async(backend, main, monkeypatch)
+    only_the_counter_is_connected(server.port)
