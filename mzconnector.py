@@ -1186,7 +1186,12 @@ def _decode_items(decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> list[An
 class _Ledger:
     """What a client has sent, for acknowledgements and for ``unacknowledged``: the batches
     sent and not yet acknowledged, and the records it refused itself (too large for a frame),
-    so that the server's record numbers map back to the order of ``submit``."""
+    so that the server's record numbers map back to the order of ``submit``.
+
+    The sender counts batches in (``frames``, one sender at a time) while whoever reads the
+    socket takes them out (``ack``, ``in_submit_order``): the ledger has its own lock, so that
+    a reader never waits for a sender (which may wait for a server that does not read).
+    """
 
     def __init__(self, codec: RecordCodec, max_frame_size: int) -> None:
         self.codec = codec
@@ -1194,11 +1199,13 @@ class _Ledger:
         self.sent = 0  # records sent to the server
         self.unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
         self.refused_here: list[int] = []  # submit indices of records refused by the client
+        self._lock = threading.Lock()
 
     def frames(self, records: list[Any]) -> tuple[list[bytearray], list[RecordError]]:
         """Frames for a batch, which is then counted as sent; records too large for any frame
         are left out and returned as errors."""
         errors: list[RecordError] = []
+        refused: list[int] = []
         try:
             frames = encode_record_frames(records, self.max_frame_size)
         except LocalProtocolError:
@@ -1211,35 +1218,41 @@ class _Ledger:
                     kept.append(record)
                     continue
                 name = self.codec.by_class.get(type(record), type(record).__name__)
-                self.refused_here.append(first + i)
+                refused.append(first + i)
                 message = f"{size} bytes encoded; the server takes at most {limit} bytes a record"
                 errors.append(RecordError(first + i, name, None, message))
             records = kept
             frames = encode_record_frames(kept, self.max_frame_size) if kept else []
-        if records:
-            self.sent += len(records)
-            self.unacked.append((self.sent, records))
+        with self._lock:
+            self.refused_here += refused
+            if records:
+                self.sent += len(records)
+                self.unacked.append((self.sent, records))
         return frames, errors
 
     def ack(self, taken: int) -> None:
-        while self.unacked and self.unacked[0][0] <= taken:
-            self.unacked.popleft()
+        with self._lock:
+            while self.unacked and self.unacked[0][0] <= taken:
+                self.unacked.popleft()
 
     def in_submit_order(self, errors: list[RecordError]) -> list[RecordError]:
         """The server numbers the records it received; renumber them in submit order."""
-        if not self.refused_here:
+        with self._lock:
+            refused_here = list(self.refused_here)
+        if not refused_here:
             return errors
         out = []
         for error in errors:
             index = error.index
-            for refused in self.refused_here:
+            for refused in refused_here:
                 if refused <= index:
                     index += 1
             out.append(msgspec.structs.replace(error, index=index))
         return out
 
     def unacknowledged(self) -> list[Any]:
-        return [r for _, batch in self.unacked for r in batch]
+        with self._lock:
+            return [r for _, batch in self.unacked for r in batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1368,6 +1381,10 @@ class _ClientBase:
         if self._closed is None:
             self._closed = reason
 
+    def _closed_error(self) -> ConnectionClosed:
+        """What a call on the closed connection raises."""
+        return ConnectionClosed(self._closed or "closed", self._unacknowledged())  # type: ignore[attr-defined]
+
     def _handle(self, data: bytes | None = None) -> None:
         """Feed what was read (None: handle only what is buffered, e.g. what arrived with the
         Welcome) and handle every complete event. A broken protocol, or records that do not
@@ -1399,6 +1416,126 @@ class MimValues(dict):  # type: ignore[type-arg]
         return f"<table><thead><tr><th>MIM</th><th>value</th></tr></thead>{rows}</table>"
 
 
+class _Reader(enum.Enum):
+    """Who reads the socket of a blocking connection now (nobody: None)."""
+
+    CALLER = "a caller"
+    BACKGROUND = "the background reader"
+
+
+class _ReadTurn:
+    """Whose turn it is to read the socket of a blocking connection: a caller that waits for
+    the server (``flush``, ``receive``, ``mim``, ``close``), or the background reader.
+
+    Whoever waits for the server reads the socket itself: handing what arrives from one thread
+    to another costs a cross-core wake-up per round trip (measured here: 70-80 us, most of a
+    loopback round trip). The background reader reads only while no caller waits, so that
+    records arriving while the notebook is idle are buffered; and it leaves the socket alone
+    for ``idle`` seconds after a caller last read, so that a loop of calls keeps it to itself.
+    A caller that finds the background reader in the socket wakes it with a byte on a
+    socketpair (the reader waits on ``wake`` beside the socket) and waits for its turn.
+
+    A caller calls ``enter``, then ``acquire`` (until it returns True) and ``release`` around
+    each read, then ``leave``; the background reader ``acquire_background`` and
+    ``release_background`` around each read. Every method is called holding ``cond``, on
+    which callers wait for their turn (and the connection's callers for their answer).
+    """
+
+    def __init__(
+        self,
+        *,
+        idle: float = _IDLE,
+        clock: Callable[[], float] = time.monotonic,
+        condition: Callable[[Any], threading.Condition] = threading.Condition,
+    ) -> None:
+        lock = threading.RLock()
+        self.cond = condition(lock)
+        # The background reader waits apart: a caller never wakes it (that would cost every
+        # call a context switch); it looks again after at most ``idle`` seconds.
+        self._background = condition(lock)
+        self.reader: _Reader | None = None
+        self._idle = idle
+        self._clock = clock
+        self._waiting = 0  # callers between enter() and leave()
+        self._last_read = -float("inf")  # when a caller last released the socket
+        self._woken = False  # a wake byte is on its way to the background reader
+        self._closed = False
+        self.wake, self._wake_w = socket.socketpair()
+
+    # -- callers ----------------------------------------------------------------------------
+    def enter(self) -> None:
+        """A caller waits for the server: the background reader must not read until it leaves."""
+        self._waiting += 1
+
+    def acquire(self) -> bool:
+        """The socket, for this caller, if nobody reads it (True). Else False, and the
+        background reader, if it is the one reading, is asked to let go: wait on ``cond``
+        and try again."""
+        if self.reader is None:
+            self.reader = _Reader.CALLER
+            return True
+        if self.reader is _Reader.BACKGROUND:
+            if not self._woken:
+                self._woken = True
+                self._wake_w.send(b"\0")
+            self.cond.notify_all()  # in case it waits for room in the inbox
+        return False
+
+    def release(self) -> None:
+        """This caller has read."""
+        self.reader = None
+        self._last_read = self._clock()
+        self.cond.notify_all()
+
+    def leave(self) -> None:
+        """This caller no longer waits."""
+        self._waiting -= 1
+
+    # -- the background reader --------------------------------------------------------------
+    def acquire_background(self) -> bool:
+        """Wait until the background reader may read (nobody reads, no caller waits, none
+        read within ``idle`` s) and give it the socket: True. False once closed."""
+        while not self._closed:
+            delay = self._idle
+            if self.reader is None and not self._waiting:
+                delay = self._last_read + self._idle - self._clock()
+                if delay <= 0:
+                    self.reader = _Reader.BACKGROUND
+                    return True
+            self._background.wait(delay)
+        return False
+
+    def release_background(self) -> None:
+        """The background reader has read, or was woken to let go."""
+        if self._woken:
+            self.wake.recv(64)
+            self._woken = False
+        self.reader = None
+        self.cond.notify_all()
+
+    def background_alone(self) -> bool:
+        """Whether the background reader reads while no caller waits (then it may stop and
+        wait for room in the inbox: nobody needs what it would read)."""
+        return self.reader is _Reader.BACKGROUND and not self._waiting
+
+    # -- the end ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """No more reading: the background reader ends (it is woken if it waits)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+        self.cond.notify_all()
+        self._background.notify_all()
+
+    def dispose(self) -> None:
+        """Close the socketpair, once no thread uses it."""
+        self.wake.close()
+        self._wake_w.close()
+
+
 class Connection(_ClientBase):
     """A connection to a connector server. Make one with ``connect()``; use it in a ``with``.
 
@@ -1425,26 +1562,18 @@ class Connection(_ClientBase):
         self._batch_bytes = min(1 << 20, welcome.max_frame_size // 4)
         self._linger = linger
         self._max_buffered = max_buffered
-        # The send side (_buf, _ledger) is guarded by _send_lock; the receive side by _cond.
-        # Where both are needed, _send_lock is taken first.
+        # The send side (_buf) is guarded by _send_lock, the receive side by _cond, the ledger
+        # by its own lock. Where two are needed, _send_lock is taken first; the ledger's last.
         self._send_lock = threading.Lock()
         self._buf_bytes = 0
         self._first_at = 0.0  # when the oldest buffered record was submitted
         self._linger_armed = threading.Event()
-        self._cond = threading.Condition()
-        self._closing = threading.Event()
-        # Who reads the socket (see "reading" below).
-        self._owner: Any = None
-        self._reading = False
-        self._fg_calls = 0
-        self._fg_last = 0.0
-        self._steal_requested = False
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._turn = _ReadTurn()
+        self._cond = self._turn.cond
         try:
             self._load_api(welcome.api)
         except BaseException:
-            self._wake_r.close()
-            self._wake_w.close()
+            self._turn.dispose()
             raise
         self._handle()
 
@@ -1471,11 +1600,16 @@ class Connection(_ClientBase):
                 errors, self._errors = self._errors, []
             raise RecordRefused(errors)
         if self._closed is not None:
-            raise ConnectionClosed(self._closed, self._unacknowledged())
+            raise self._closed_error()
 
     def _unacknowledged(self) -> list[Any]:
         with self._send_lock:
             return self._ledger.unacknowledged() + self._buf
+
+    def _give_up(self, reason: str) -> ConnectionLost:
+        """The server did not answer in time: the connection is taken for lost."""
+        self._mark_closed(reason)
+        return ConnectionLost(reason, self._unacknowledged())
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, record: Any) -> None:
@@ -1500,12 +1634,9 @@ class Connection(_ClientBase):
         """Queue many records; returns how many. ``progress=True`` shows a tqdm bar."""
         accepted = self._accepted_classes
         count = 0
-        iterator: Iterable[Any] = records
-        bar = None
-        if progress:
-            bar = _progress_bar(records)
+        bar = _progress_bar(records) if progress else None
         try:
-            for chunk in _chunks(iterator, self._batch_size):
+            for chunk in _chunks(records, self._batch_size):
                 for record in chunk:
                     if type(record) not in accepted:
                         raise self._not_accepted(record)
@@ -1590,23 +1721,35 @@ class Connection(_ClientBase):
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything submitted and return once the server has taken all of it (handed
-        each record to its route). Raises ``RecordRefused`` if it refused any."""
+        each record to its route). Raises ``RecordRefused`` if it refused any, and
+        ``ConnectionLost`` (the connection is given up) when the server does not answer
+        within ``timeout`` seconds (None: the connect ``timeout``)."""
         self._check()
         with self._send_lock:
             target = self._ledger.sent + len(self._buf)
         self._send_message(Flush())
-        self._wait(lambda: self._acked >= target or bool(self._errors), timeout, "flush")
+        limit = self.timeout if timeout is None else timeout
+        self._wait(
+            lambda: self._acked >= target or bool(self._errors),
+            limit,
+            lambda: self._give_up(f"flush: no answer from the server within {limit} s"),
+        )
         self._check()
 
     # -- receiving --------------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> Any:
         """The next record the workflow sent to this client. Sends buffered submits first.
-        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``."""
+        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``; the
+        connection stays usable."""
         if not self._inbox:
             if self._buf:
                 with self._send_lock:
                     self._send_buffer()
-            self._wait(lambda: bool(self._inbox), timeout, "receive")
+            self._wait(
+                lambda: bool(self._inbox),
+                timeout,
+                lambda: Timeout(f"receive: no record within {timeout} s"),
+            )
         with self._cond:
             record = self._inbox.popleft()
             if len(self._inbox) + 1 >= self._max_buffered:
@@ -1623,7 +1766,7 @@ class Connection(_ClientBase):
                 self._send_buffer()
         if not self._inbox:
             try:
-                self._wait(lambda: bool(self._inbox), timeout, "receive")
+                self._wait(lambda: bool(self._inbox), timeout, Timeout)
             except Timeout:
                 return []
         with self._cond:
@@ -1646,82 +1789,67 @@ class Connection(_ClientBase):
                 return
 
     def mim(self, timeout: float | None = None) -> MimValues:
-        """The workflow's MIM values now: built-in counters and assigned values."""
+        """The workflow's MIM values now: built-in counters and assigned values. Raises
+        ``ConnectionLost`` when the server does not answer within ``timeout`` seconds (None:
+        the connect ``timeout``)."""
         self._check()
         self._send_message(GetMim())
-        self._wait(lambda: bool(self._mim_replies), timeout, "mim")
+        limit = self.timeout if timeout is None else timeout
+        self._wait(
+            lambda: bool(self._mim_replies),
+            limit,
+            lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
+        )
         with self._cond:
             return MimValues(self._mim_replies.popleft())
 
-    # -- reading ----------------------------------------------------------------------------
-    #
-    # Whoever waits for the server reads the socket itself: a thread that hands data to
-    # another costs a cross-core wake-up per round trip (measured here: 70-80 us, most of a
-    # loopback round trip). The background thread reads only while no call is waiting, so
-    # that records arriving while the notebook is idle are buffered and not lost. Ownership
-    # of the socket's read side is ``_owner``: None, "bg", or the id of the reading thread.
-
-    def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
-        """Until ``ready()``: read (or let the background thread read) and dispatch."""
-        if timeout is None and what != "receive":
-            timeout = self.timeout
+    # -- reading (see _ReadTurn) ------------------------------------------------------------
+    def _wait(
+        self,
+        ready: Callable[[], bool],
+        timeout: float | None,
+        expired: Callable[[], MZConnectorError],
+    ) -> None:
+        """Until ``ready()``: read the socket, or wait while another thread reads it, and
+        handle what arrives. Raises ``ConnectionClosed`` once the connection is gone, and what
+        ``expired()`` returns after ``timeout`` seconds (None: no limit)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.get_ident()
-        cond = self._cond
-        lost = False
+        cond, turn = self._cond, self._turn
         with cond:
-            self._fg_calls += 1
+            turn.enter()
         try:
             while True:
                 with cond:
-                    while True:
+                    mine = False
+                    while not mine:
                         if ready() or (self._closed is not None and self._errors):
                             return
-                        if self._closed is not None:
-                            break
                         remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            if what == "receive":  # the workflow may simply have sent nothing
-                                raise Timeout(f"receive: no record within {timeout} s")
-                            self._closed = f"{what}: no answer from the server within {timeout} s"
-                            lost = True
+                        if self._closed is not None or (remaining is not None and remaining <= 0):
                             break
-                        owner = self._owner
-                        if owner is None or (owner != "bg" and not self._reading):
-                            self._owner = me
-                            self._reading = True
-                            break
-                        if owner == "bg" and not self._steal_requested:
-                            self._steal_requested = True
-                            self._wake_w.send(b"\0")
-                            cond.notify_all()  # in case the reader waits for inbox space
-                        cond.wait(remaining)
-                if self._closed is not None:  # (the ledger is not read under _cond)
-                    if lost:
-                        self._mark_closed(self._closed)
-                        raise ConnectionLost(self._closed, self._unacknowledged())
-                    raise ConnectionClosed(self._closed, self._unacknowledged())
+                        mine = turn.acquire()
+                        if not mine:
+                            cond.wait(remaining)
+                if not mine:  # (the ledger is not read under _cond)
+                    if self._closed is not None:
+                        raise self._closed_error()
+                    raise expired()
                 try:
                     self._read_once(remaining)
                 finally:
                     with cond:
-                        self._reading = False
-                        self._fg_last = time.monotonic()
-                        cond.notify_all()
+                        turn.release()
         finally:
             with cond:
-                self._fg_calls -= 1
+                turn.leave()
 
-    def _read_once(self, timeout: float | None) -> None:
-        """Read what arrives within ``timeout`` and dispatch it. Only the owner calls this."""
+    def _read_once(self, timeout: float | None, wake: socket.socket | None = None) -> None:
+        """Read what arrives within ``timeout`` (or until ``wake`` is readable) and handle it.
+        Only the thread whose turn it is calls this."""
         try:
             # A Ctrl-C while waiting here leaves the connection intact: nothing was read.
-            if not self._transport.wait_readable(timeout):
+            if self._transport.wait_readable(timeout, wake) is not True:
                 return
-        except OSError as exc:
-            self._mark_closed(f"connection lost: {exc}")
-            return
-        try:
             data = self._transport.recv()
         except OSError as exc:
             self._mark_closed(f"connection lost: {exc}")
@@ -1732,82 +1860,65 @@ class Connection(_ClientBase):
             self._mark_closed(f"reader failed: {exc!r}")
             raise
 
-    def _release_to_caller(self) -> None:
-        """The background reader gives up the socket. Holds _cond."""
-        if self._steal_requested:
-            self._wake_r.recv(64)
-            self._steal_requested = False
-        self._owner = None
-        self._cond.notify_all()
-
     def _read_loop(self) -> None:
-        """The background reader: reads while no call is waiting for the server."""
-        cond = self._cond
-        wake = self._wake_r
-        while self._closed is None:
+        """The background reader: reads while no caller waits for the server."""
+        cond, turn = self._cond, self._turn
+        while True:
             with cond:
-                may_read = (
-                    not self._fg_calls
-                    and not self._reading
-                    and (self._owner in (None, "bg") or time.monotonic() - self._fg_last >= _IDLE)
-                )
-                if may_read:
-                    self._owner = "bg"
-                elif self._owner == "bg":  # a call is waiting: hand the socket over
-                    self._release_to_caller()
-            if not may_read:
-                self._closing.wait(_IDLE)
-                continue
-            readable = self._transport.wait_readable(None, wake)
-            if readable is wake:
+                if not turn.acquire_background():
+                    return
+            try:
+                self._read_once(None, turn.wake)
+            finally:
                 with cond:
-                    self._release_to_caller()
-                continue
-            self._read_once(0)
+                    turn.release_background()
 
     def _on_event(self, event: Any) -> bool:
-        """Handle one event; True when the connection is over."""
+        """Handle one event; True when the connection is over. Whoever reads calls this; it
+        takes only ``_cond``, never the send lock: a reader never waits behind a long send."""
+        cond = self._cond
         if not isinstance(event, Records):
-            with self._send_lock, self._cond:
+            with cond:
                 over = self._apply(event)
-                self._cond.notify_all()
+                cond.notify_all()
             return over
         items = _decode_items(self._decoder, event.items)
-        with self._cond:
+        with cond:
             # The background reader stops at the bound (the server then holds records
             # back); a call that waits for the server reads on regardless.
             while (
                 len(self._inbox) >= self._max_buffered
                 and self._closed is None
-                and self._owner == "bg"
-                and not self._fg_calls
+                and self._turn.background_alone()
             ):
-                self._cond.wait()
+                cond.wait()
             self._inbox.extend(items)
-            self._cond.notify_all()
+            cond.notify_all()
         return False
 
     def _mark_closed(self, reason: str) -> None:
         with self._cond:
             if self._closed is None:
                 self._closed = reason
-            self._cond.notify_all()
-        self._closing.set()
+            self._turn.close()
         self._linger_armed.set()  # wake the linger thread so it ends
-        try:
-            self._wake_w.send(b"\0")  # wake the background reader so it ends
-        except OSError:
-            pass
 
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
-        """Send what is buffered, say goodbye and close. Safe to call twice."""
+        """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
+        (None: the connect ``timeout``) for the server to close its side. Safe to call
+        twice."""
         if self._closed is None:
+            limit = self.timeout if timeout is None else timeout
             try:
                 self._send_message(Bye("client closed"))
                 # Read until the server closes: closing with unread data would reset the
                 # connection, and the server could lose the last records it was sent.
-                self._wait(lambda: self._closed is not None, timeout, "close")
+                self._wait(
+                    lambda: self._closed is not None,
+                    limit,
+                    lambda: self._give_up(f"close: no answer from the server within {limit} s"),
+                )
             except (ConnectionClosed, Timeout):
                 pass
             with self._cond:
@@ -1815,8 +1926,7 @@ class Connection(_ClientBase):
         self._mark_closed("closed by the client")
         self._reader.join(self.timeout)
         self._transport.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._turn.dispose()
 
 
 def _progress_bar(records: Iterable[Any]) -> Any:
