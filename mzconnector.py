@@ -1183,6 +1183,39 @@ def _decode_items(decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> list[An
     return items
 
 
+#: What encoding a value that msgpack cannot hold raises (an int out of range, a lone surrogate,
+#: a datetime out of range in UTC, an object of another type, a cycle).
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def _encode_problem(value: Any) -> tuple[str, str]:
+    """Where and why ``value`` (one that fails to encode) cannot be encoded: the path of the
+    innermost part that fails (``.balance``, ``.address.zip``, ``.tags[2]``) and the problem,
+    in our words (msgspec's change between its releases)."""
+    parts: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, msgspec.Struct):
+        parts = ((f".{f}", getattr(value, f)) for f in value.__struct_fields__)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        parts = ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        parts = ((f"[{key!r}]", part) for key, item in value.items() for part in (key, item))
+    for step, part in parts:
+        try:
+            _encoder.encode(part)
+        except RecursionError:
+            return step, "nested too deeply (or it contains itself)"
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(part)
+            return step + path, problem
+    if isinstance(value, int):
+        return "", "int out of range (-2**63 to 2**64-1)"
+    if isinstance(value, str):
+        return "", "str that is not valid Unicode (a lone surrogate)"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return "", f"{type(value).__name__} out of range (in UTC: years 1 to 9999)"
+    return "", f"a value of type {type(value).__name__} (records hold their declared types)"
+
+
 class _Ledger:
     """What a client has sent, for acknowledgements and for ``unacknowledged``: the batches
     sent and not yet acknowledged, and the records it refused itself (too large for a frame),
@@ -1202,33 +1235,48 @@ class _Ledger:
         self._lock = threading.Lock()
 
     def frames(self, records: list[Any]) -> tuple[list[bytearray], list[RecordError]]:
-        """Frames for a batch, which is then counted as sent; records too large for any frame
-        are left out and returned as errors."""
-        errors: list[RecordError] = []
+        """Frames for a batch, which is then counted as sent. Records that cannot be encoded,
+        or are too large for a frame, are left out and returned as errors."""
         refused: list[int] = []
+        errors: list[RecordError] = []
         try:
             frames = encode_record_frames(records, self.max_frame_size)
-        except LocalProtocolError:
-            limit = self.max_frame_size - 64
-            first = self.sent + len(self.refused_here)
-            kept = []
-            for i, record in enumerate(records):
-                size = len(_encoder.encode(record))
-                if size <= limit:
-                    kept.append(record)
-                    continue
-                name = self.codec.by_class.get(type(record), type(record).__name__)
-                refused.append(first + i)
-                message = f"{size} bytes encoded; the server takes at most {limit} bytes a record"
-                errors.append(RecordError(first + i, name, None, message))
-            records = kept
-            frames = encode_record_frames(kept, self.max_frame_size) if kept else []
+        except (LocalProtocolError, *_ENCODE_ERRORS):
+            records, refused, errors = self._sift(records)
+            frames = encode_record_frames(records, self.max_frame_size) if records else []
         with self._lock:
             self.refused_here += refused
             if records:
                 self.sent += len(records)
                 self.unacked.append((self.sent, records))
         return frames, errors
+
+    def _sift(self, records: list[Any]) -> tuple[list[Any], list[int], list[RecordError]]:
+        """The records that can go, and the submit indices and errors of those that cannot.
+        Only for a batch that failed as a whole: it encodes each record on its own."""
+        limit = self.max_frame_size - 64
+        first = self.sent + len(self.refused_here)
+        kept: list[Any] = []
+        refused: list[int] = []
+        errors: list[RecordError] = []
+        for i, record in enumerate(records):
+            field = None
+            try:
+                size = len(_encoder.encode(record))
+            except RecursionError:  # too deep to look into
+                problem = "cannot be encoded: nested too deeply (or it contains itself)"
+            except _ENCODE_ERRORS:
+                path, problem = _encode_problem(record)
+                field, problem = path.lstrip("."), f"cannot be encoded: {problem}"
+            else:
+                if size <= limit:
+                    kept.append(record)
+                    continue
+                problem = f"{size} bytes encoded; the server takes at most {limit} bytes a record"
+            name = self.codec.by_class.get(type(record), type(record).__name__)
+            refused.append(first + i)
+            errors.append(RecordError(first + i, name, field or None, problem))
+        return kept, refused, errors
 
     def ack(self, taken: int) -> None:
         with self._lock:
@@ -1315,6 +1363,7 @@ class _ClientBase:
         self._errors: list[RecordError] = []
         self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
         self._closed: str | None = None
+        self._failure: BaseException | None = None  # what broke the connection, if ours
         self.dropped = 0
         self.api = Namespace("API", {})
         self.api_modules: dict[str, types.ModuleType] = {}
@@ -1381,9 +1430,19 @@ class _ClientBase:
         if self._closed is None:
             self._closed = reason
 
+    def _fail(self, where: str, exc: BaseException) -> None:
+        """``where`` failed (a bug, or Ctrl-C midway through handling what arrived): the
+        connection cannot go on. The next call raises ``ConnectionClosed`` saying so, caused by
+        ``exc``: a thread of ours never dies silently."""
+        if self._failure is None:
+            self._failure = exc
+        self._mark_closed(f"{where} failed: {exc!r}")
+
     def _closed_error(self) -> ConnectionClosed:
         """What a call on the closed connection raises."""
-        return ConnectionClosed(self._closed or "closed", self._unacknowledged())  # type: ignore[attr-defined]
+        error = ConnectionClosed(self._closed or "closed", self._unacknowledged())  # type: ignore[attr-defined]
+        error.__cause__ = self._failure
+        return error
 
     def _handle(self, data: bytes | None = None) -> None:
         """Feed what was read (None: handle only what is buffered, e.g. what arrived with the
@@ -1668,12 +1727,11 @@ class Connection(_ClientBase):
 
     def _send_buffer(self) -> None:
         """Send what ``submit`` buffered. Holds _send_lock."""
-        records = self._buf
-        if not records:
+        if not self._buf:
             return
+        frames, errors = self._ledger.frames(self._buf)
         self._buf = []
         self._buf_bytes = 0
-        frames, errors = self._ledger.frames(records)
         if errors:
             with self._cond:
                 self._errors.extend(errors)
@@ -1701,23 +1759,25 @@ class Connection(_ClientBase):
         sleeps on an event while nothing is buffered, and otherwise wakes once per
         ``linger``: never once per record."""
         armed = self._linger_armed
-        while self._closed is None:
-            armed.wait()
+        try:
             while self._closed is None:
-                delay = self._first_at + self._linger - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                with self._send_lock:
-                    if self._closed is not None:
-                        return
-                    if not self._buf:
-                        armed.clear()
-                        break
-                    if time.monotonic() >= self._first_at + self._linger:
-                        try:
-                            self._send_buffer()
-                        except ConnectionClosed:
+                armed.wait()
+                while self._closed is None:
+                    delay = self._first_at + self._linger - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    with self._send_lock:
+                        if self._closed is not None:
                             return
+                        if not self._buf:
+                            armed.clear()
+                            break
+                        if time.monotonic() >= self._first_at + self._linger:
+                            self._send_buffer()
+        except ConnectionClosed:
+            return
+        except Exception as exc:
+            self._fail("the linger thread", exc)
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything submitted and return once the server has taken all of it (handed
@@ -1740,16 +1800,20 @@ class Connection(_ClientBase):
     def receive(self, timeout: float | None = None) -> Any:
         """The next record the workflow sent to this client. Sends buffered submits first.
         Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``; the
-        connection stays usable."""
+        connection stays usable. Raises ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
         if not self._inbox:
             if self._buf:
                 with self._send_lock:
                     self._send_buffer()
             self._wait(
-                lambda: bool(self._inbox),
+                lambda: bool(self._inbox or self._errors),
                 timeout,
                 lambda: Timeout(f"receive: no record within {timeout} s"),
             )
+            if self._errors:
+                self._check()
         with self._cond:
             record = self._inbox.popleft()
             if len(self._inbox) + 1 >= self._max_buffered:
@@ -1760,15 +1824,20 @@ class Connection(_ClientBase):
         self, max_records: int | None = None, timeout: float | None = 0.0
     ) -> list[Any]:
         """Every record already received (at most ``max_records``); if there is none, waits
-        up to ``timeout`` for the first. Returns an empty list on timeout."""
+        up to ``timeout`` for the first. Returns an empty list on timeout. Raises
+        ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
         if self._buf:
             with self._send_lock:
                 self._send_buffer()
         if not self._inbox:
             try:
-                self._wait(lambda: bool(self._inbox), timeout, Timeout)
+                self._wait(lambda: bool(self._inbox or self._errors), timeout, Timeout)
             except Timeout:
                 return []
+            if self._errors:
+                self._check()
         with self._cond:
             inbox = self._inbox
             if max_records is None or max_records >= len(inbox):
@@ -1800,6 +1869,8 @@ class Connection(_ClientBase):
             limit,
             lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
         )
+        if not self._mim_replies:  # closed, with refusals to report first
+            self._check()
         with self._cond:
             return MimValues(self._mim_replies.popleft())
 
@@ -1856,22 +1927,25 @@ class Connection(_ClientBase):
             return
         try:
             self._handle(data)
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            self._mark_closed(f"reader failed: {exc!r}")
+        except BaseException as exc:  # what was read is lost: callers must not wait forever
+            self._fail("handling what the server sent", exc)
             raise
 
     def _read_loop(self) -> None:
         """The background reader: reads while no caller waits for the server."""
         cond, turn = self._cond, self._turn
-        while True:
-            with cond:
-                if not turn.acquire_background():
-                    return
-            try:
-                self._read_once(None, turn.wake)
-            finally:
+        try:
+            while True:
                 with cond:
-                    turn.release_background()
+                    if not turn.acquire_background():
+                        return
+                try:
+                    self._read_once(None, turn.wake)
+                finally:
+                    with cond:
+                        turn.release_background()
+        except Exception as exc:
+            self._fail("the background reader", exc)
 
     def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the connection is over. Whoever reads calls this; it
@@ -2434,7 +2508,7 @@ class AsyncConnection(_ClientBase):
             errors, self._errors = self._errors, []
             raise RecordRefused(errors)
         if self._closed is not None:
-            raise ConnectionClosed(self._closed, self._unacknowledged())
+            raise self._closed_error()
 
     def _unacknowledged(self) -> list[Any]:
         return self._ledger.unacknowledged() + self._buf
@@ -2484,8 +2558,8 @@ class AsyncConnection(_ClientBase):
         async with self._send_lock:
             while self._buf:
                 chunk = self._buf[: self._batch_size]
-                del self._buf[: len(chunk)]
                 frames, errors = self._ledger.frames(chunk)
+                del self._buf[: len(chunk)]
                 self._errors.extend(errors)
                 if not frames:
                     continue
@@ -2515,10 +2589,15 @@ class AsyncConnection(_ClientBase):
     # -- receiving --------------------------------------------------------------------------
     async def receive(self) -> Any:
         """The next record the workflow sent to this client (sends buffered submits first).
-        Waits until one arrives: bound it with ``asyncio.timeout``/``anyio.fail_after``."""
+        Waits until one arrives: bound it with ``asyncio.timeout``/``anyio.fail_after``.
+        Raises ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
         if not self._inbox:
             await self._send()
-            await self._wait(lambda: bool(self._inbox), "receive")
+            await self._wait(lambda: bool(self._inbox or self._errors), "receive")
+            if self._errors:
+                self._check()
         return self._inbox.popleft()
 
     async def receive_many(self, max_records: int | None = None) -> list[Any]:
@@ -2539,6 +2618,8 @@ class AsyncConnection(_ClientBase):
         self._check()
         await self._send(GetMim())
         await self._wait(lambda: bool(self._mim_replies), "mim")
+        if not self._mim_replies:  # closed, with refusals to report first
+            self._check()
         return MimValues(self._mim_replies.popleft())
 
     async def _wait(self, ready: Callable[[], bool], what: str) -> None:
@@ -2547,9 +2628,9 @@ class AsyncConnection(_ClientBase):
         async def wait() -> None:
             while not ready():
                 if self._closed is not None:
-                    if what == "flush" and self._errors:
+                    if self._errors:  # raised first, by the caller
                         return
-                    raise ConnectionClosed(self._closed, self._unacknowledged())
+                    raise self._closed_error()
                 async with self._read_lock:
                     if not ready() and self._closed is None:
                         await self._pump()
