@@ -60,7 +60,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import msgspec
@@ -1438,9 +1438,15 @@ class _ClientBase:
             self._failure = exc
         self._mark_closed(f"{where} failed: {exc!r}")
 
+    def _give_up(self, reason: str) -> ConnectionLost:
+        """The server did not answer in time: the connection is taken for lost."""
+        self._mark_closed(reason)
+        return ConnectionLost(reason, self._unacknowledged())  # type: ignore[attr-defined]
+
     def _closed_error(self) -> ConnectionClosed:
         """What a call on the closed connection raises."""
-        error = ConnectionClosed(self._closed or "closed", self._unacknowledged())  # type: ignore[attr-defined]
+        unacknowledged = self._unacknowledged()  # type: ignore[attr-defined]
+        error = ConnectionClosed(self._closed or "closed", unacknowledged)
         error.__cause__ = self._failure
         return error
 
@@ -1664,11 +1670,6 @@ class Connection(_ClientBase):
     def _unacknowledged(self) -> list[Any]:
         with self._send_lock:
             return self._ledger.unacknowledged() + self._buf
-
-    def _give_up(self, reason: str) -> ConnectionLost:
-        """The server did not answer in time: the connection is taken for lost."""
-        self._mark_closed(reason)
-        return ConnectionLost(reason, self._unacknowledged())
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, record: Any) -> None:
@@ -2406,6 +2407,7 @@ async def connect_async(
     certfile: str | None = None,
     keyfile: str | None = None,
     batch_size: int = 8192,
+    max_buffered: int = 1_000_000,
 ) -> AsyncConnection:
     """Connect to a connector server from async code and return the open ``AsyncConnection``::
 
@@ -2415,9 +2417,10 @@ async def connect_async(
             print(await conn.receive(), await conn.mim())
 
     Works under asyncio (anyio optional) and, with anyio installed, under trio. The arguments
-    are those of ``connect()``. ``timeout`` bounds the connect and the handshake, and is the
-    longest ``flush``, ``mim`` and ``aclose`` wait for the server; to bound anything else, use
-    your event loop's own (``asyncio.timeout``, ``anyio.fail_after``, ``trio.move_on_after``).
+    are those of ``connect()``, but for ``linger``: the async client runs no task in the
+    background, so its ``submit`` only buffers until the next awaited call (see
+    ``AsyncConnection``). ``timeout`` bounds the connect and the handshake, and is the default
+    timeout of ``flush``, ``mim`` and ``aclose``.
     """
     context = _tls_context(tls, cafile, certfile, keyfile)
     handshake = _Handshake(
@@ -2446,7 +2449,12 @@ async def connect_async(
         with handshake.errors():
             welcome = await kind.with_timeout(timeout, open_and_greet)
         return AsyncConnection(
-            stream, handshake.protocol, welcome, timeout=timeout, batch_size=batch_size
+            stream,
+            handshake.protocol,
+            welcome,
+            timeout=timeout,
+            batch_size=batch_size,
+            max_buffered=max_buffered,
         )
     except BaseException:
         if stream is not None:
@@ -2458,14 +2466,25 @@ class AsyncConnection(_ClientBase):
     """An async connection to a connector server. Make one with ``await connect_async()``; use
     it in an ``async with`` (or ``await conn.aclose()``).
 
-    The surface of ``Connection``, with ``await`` wherever it may wait. ``submit`` only buffers;
-    the buffer is sent by the next ``submit_many``, ``flush``, ``receive``, ``receive_many``,
-    ``mim`` or ``aclose``. Nothing runs in the background: records the workflow sends are read
-    while one of those is awaited, so read results after a push (``receive``, ``async for``).
-    A server drops what a client leaves unread for its ``delivery_timeout`` (5 s by default).
+    The surface of ``Connection``, with ``await`` wherever it may wait, and the same arguments
+    where they mean the same: ``receive(timeout=)`` raises ``Timeout`` and the connection stays
+    usable; ``flush(timeout=)`` and ``mim(timeout=)`` raise ``ConnectionLost`` (None: the
+    connect ``timeout``). Where it differs, and why:
 
-    API modules (``conn.api``) get the async methods as ``receive``, ``flush``, ``mim`` and
-    ``submit_many``: functions that call them must ``await`` them.
+    - Nothing runs in the background (no task outlives the call that awaits it): records the
+      workflow sends are read while a call is awaited, so read results after a push
+      (``receive``, ``receive_many``, ``records``, ``async for``). A server drops what a client
+      leaves unread for its ``delivery_timeout`` (5 s by default).
+    - So ``submit`` only buffers, and there is no ``linger``: the buffer is sent by the next
+      awaited call (``submit_many``, ``flush``, ``receive``, ``receive_many``, ``mim``,
+      ``aclose``). ``receive_many(timeout=None)`` waits for the first record by default,
+      where the blocking client returns what its background reader buffered (``timeout=0``).
+    - ``max_buffered`` bounds the records read while a send is under way; a call that waits
+      for the server reads on regardless.
+
+    API modules (``conn.api``) get the coroutine functions as ``receive``, ``flush``, ``mim``
+    and ``submit_many``: a function that returns what they return is awaited
+    (``await conn.api.round_trip(...)``).
     """
 
     def __init__(
@@ -2476,10 +2495,12 @@ class AsyncConnection(_ClientBase):
         *,
         timeout: float,
         batch_size: int,
+        max_buffered: int,
     ) -> None:
         super().__init__(protocol, welcome, timeout=timeout)
         self._stream = stream
         self._batch_size = max(1, batch_size)
+        self._max_buffered = max_buffered
         self._send_lock = stream.lock()
         self._read_lock = stream.lock()
         self._load_api(welcome.api)
@@ -2544,13 +2565,24 @@ class AsyncConnection(_ClientBase):
                 bar.close()
         return count
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         """Send everything submitted and return once the server has taken all of it. Raises
-        ``RecordRefused`` if it refused any, ``Timeout`` after ``timeout`` seconds."""
+        ``RecordRefused`` if it refused any, and ``ConnectionLost`` (the connection is given
+        up) when the server does not take it within ``timeout`` seconds (None: the connect
+        ``timeout``)."""
         self._check()
-        await self._send(Flush())
-        target = self._ledger.sent
-        await self._wait(lambda: self._acked >= target or bool(self._errors), "flush")
+        limit = self.timeout if timeout is None else timeout
+
+        async def flushed() -> None:
+            await self._send(Flush())
+            target = self._ledger.sent
+            await self._until(lambda: self._acked >= target or bool(self._errors))
+
+        await self._within(
+            limit,
+            flushed,
+            lambda: self._give_up(f"flush: no answer from the server within {limit} s"),
+        )
         self._check()
 
     async def _send(self, message: Message | None = None) -> None:
@@ -2569,7 +2601,7 @@ class AsyncConnection(_ClientBase):
 
     async def _send_data(self, data: bytes | bytearray) -> None:
         if self._closed is not None:
-            raise ConnectionClosed(self._closed, self._unacknowledged())
+            raise self._closed_error()
         sent = False
         try:
             await self._stream.send_reading(data, self._read_while_sending)
@@ -2582,29 +2614,50 @@ class AsyncConnection(_ClientBase):
                 self._mark_closed("a send was cancelled midway; the connection cannot be used")
 
     async def _read_while_sending(self) -> None:
+        """What arrives while a send is under way (so that a workflow that answers every
+        record cannot stall a long push), up to ``max_buffered`` records."""
         async with self._read_lock:
-            while self._closed is None:
+            while self._closed is None and len(self._inbox) < self._max_buffered:
                 await self._pump()
 
     # -- receiving --------------------------------------------------------------------------
-    async def receive(self) -> Any:
+    async def receive(self, timeout: float | None = None) -> Any:
         """The next record the workflow sent to this client (sends buffered submits first).
-        Waits until one arrives: bound it with ``asyncio.timeout``/``anyio.fail_after``.
-        Raises ``RecordRefused`` first if records were refused."""
+        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``; the
+        connection stays usable. Raises ``RecordRefused`` first if records were refused."""
         if self._errors:
             self._check()
         if not self._inbox:
             await self._send()
-            await self._wait(lambda: bool(self._inbox or self._errors), "receive")
+            await self._within(
+                timeout,
+                lambda: self._until(lambda: bool(self._inbox or self._errors)),
+                lambda: Timeout(f"receive: no record within {timeout} s"),
+            )
             if self._errors:
                 self._check()
         return self._inbox.popleft()
 
-    async def receive_many(self, max_records: int | None = None) -> list[Any]:
-        """Every record received so far (at most ``max_records``), after waiting for the first."""
+    async def receive_many(
+        self, max_records: int | None = None, timeout: float | None = None
+    ) -> list[Any]:
+        """Every record received so far (at most ``max_records``); if there is none, waits up
+        to ``timeout`` seconds (forever if None) for the first. Returns an empty list on
+        timeout. Raises ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
+        await self._send()
         if not self._inbox:
-            await self._send()
-            await self._wait(lambda: bool(self._inbox), "receive")
+            try:
+                await self._within(
+                    timeout,
+                    lambda: self._until(lambda: bool(self._inbox or self._errors)),
+                    Timeout,
+                )
+            except Timeout:
+                return []
+            if self._errors:
+                self._check()
         inbox = self._inbox
         if max_records is None or max_records >= len(inbox):
             out = list(inbox)
@@ -2613,36 +2666,65 @@ class AsyncConnection(_ClientBase):
             out = [inbox.popleft() for _ in range(max_records)]
         return out
 
-    async def mim(self) -> MimValues:
-        """The workflow's MIM values now: built-in counters and assigned values."""
+    async def records(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Records as they arrive; ends when none arrives within ``timeout`` (never, if None)
+        or when the connection closes."""
+        while True:
+            try:
+                record = await self.receive(timeout)
+            except (Timeout, ConnectionClosed):
+                return
+            yield record
+
+    async def mim(self, timeout: float | None = None) -> MimValues:
+        """The workflow's MIM values now: built-in counters and assigned values. Raises
+        ``ConnectionLost`` when the server does not answer within ``timeout`` seconds (None:
+        the connect ``timeout``)."""
         self._check()
-        await self._send(GetMim())
-        await self._wait(lambda: bool(self._mim_replies), "mim")
+        limit = self.timeout if timeout is None else timeout
+
+        async def answered() -> None:
+            await self._send(GetMim())
+            await self._until(lambda: bool(self._mim_replies))
+
+        await self._within(
+            limit,
+            answered,
+            lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
+        )
         if not self._mim_replies:  # closed, with refusals to report first
             self._check()
         return MimValues(self._mim_replies.popleft())
 
-    async def _wait(self, ready: Callable[[], bool], what: str) -> None:
-        """Read until ``ready()``; at most ``timeout`` s, except for ``receive``."""
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        """Read and handle what arrives, one reader at a time, until ``ready()``. Raises
+        ``ConnectionClosed`` once the connection is gone."""
+        while not ready():
+            if self._closed is not None:
+                if self._errors:  # raised first, by the caller
+                    return
+                raise self._closed_error()
+            async with self._read_lock:
+                if not ready() and self._closed is None:
+                    await self._pump()
 
-        async def wait() -> None:
-            while not ready():
-                if self._closed is not None:
-                    if self._errors:  # raised first, by the caller
-                        return
-                    raise self._closed_error()
-                async with self._read_lock:
-                    if not ready() and self._closed is None:
-                        await self._pump()
-
-        if what == "receive":
-            await wait()
+    async def _within(
+        self,
+        timeout: float | None,
+        function: Callable[[], Awaitable[None]],
+        expired: Callable[[], MZConnectorError],
+    ) -> None:
+        """``await function()``; after ``timeout`` seconds (None: no limit) it is cancelled,
+        by the event loop's own timeout, and ``expired()`` is raised."""
+        if timeout is None:
+            await function()
             return
         try:
-            await self._stream.with_timeout(self.timeout, wait)
-        except TimeoutError:
-            self._mark_closed(f"{what}: no answer from the server within {self.timeout} s")
-            raise ConnectionLost(self._closed or "", self._unacknowledged()) from None
+            await self._stream.with_timeout(timeout, function)
+        except TimeoutError as exc:
+            if isinstance(exc, MZConnectorError):  # ours (a Timeout is a TimeoutError)
+                raise
+            raise expired() from None
 
     async def _pump(self) -> None:
         """Read once and handle what arrived. The caller holds ``_read_lock``."""
@@ -2661,22 +2743,25 @@ class AsyncConnection(_ClientBase):
         return self._apply(event)
 
     # -- closing ----------------------------------------------------------------------------
-    async def aclose(self) -> None:
-        """Send what is buffered, say goodbye and close. Closes even when cancelled or when
-        the server does not answer within ``timeout`` s. Safe to call twice."""
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
+        (None: the connect ``timeout``) for the server to close its side. Closes even when
+        cancelled. Safe to call twice."""
         try:
             if self._closed is None:
+                limit = self.timeout if timeout is None else timeout
 
                 async def goodbye() -> None:
                     await self._send(Bye("client closed"))
-                    while self._closed is None:
-                        async with self._read_lock:
-                            if self._closed is None:
-                                await self._pump()
+                    await self._until(lambda: self._closed is not None)
 
                 try:
-                    await self._stream.with_timeout(self.timeout, goodbye)
-                except (TimeoutError, ConnectionClosed):
+                    await self._within(
+                        limit,
+                        goodbye,
+                        lambda: self._give_up(f"close: no answer from the server within {limit} s"),
+                    )
+                except ConnectionClosed:
                     pass
         finally:
             self._mark_closed("closed by the client")
