@@ -766,9 +766,10 @@ _record_parts = msgspec.msgpack.Decoder(Union[bytes, list[msgspec.Raw]])
 def _record_html(self: msgspec.Struct) -> str:
     from html import escape
 
+    # _cell_text (section 6, with the other display helpers) is looked up when this is called.
     cells = "".join(
         f"<tr><th style='text-align:left'>{escape(f)}</th><td style='text-align:left'>"
-        f"{escape(repr(getattr(self, f)))}</td></tr>"
+        f"{escape(_cell_text(getattr(self, f)))}</td></tr>"
         for f in self.__struct_fields__
     )
     return f"<table><caption>{escape(type(self).__name__)}</caption>{cells}</table>"
@@ -1467,6 +1468,25 @@ class _ClientBase:
             self._mark_closed(f"protocol error: records that do not decode: {exc}")
 
 
+#: Bytes a table cell shows of a longer bytes value.
+_CELL_BYTES = 16
+
+
+def _cell_text(value: Any) -> str:
+    """A value in a table (a record's, or the MIM values) as a person reads it: text without
+    quotes, a date as ISO text, bytes short; anything else as its ``repr``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (datetime.date, datetime.time)):  # a datetime is a date
+        return str(value)  # ISO: 2026-11-30 12:00:00+00:00
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value[:_CELL_BYTES])
+        if len(value) <= _CELL_BYTES:
+            return repr(data)
+        return f"{data!r}... ({len(value)} bytes)"
+    return repr(value)
+
+
 class MimValues(dict):  # type: ignore[type-arg]
     """MIM values, name -> value: a dict that shows as a table in Jupyter."""
 
@@ -1475,7 +1495,7 @@ class MimValues(dict):  # type: ignore[type-arg]
 
         rows = "".join(
             f"<tr><th style='text-align:left'>{escape(str(k))}</th>"
-            f"<td style='text-align:left'>{escape(repr(v))}</td></tr>"
+            f"<td style='text-align:left'>{escape(_cell_text(v))}</td></tr>"
             for k, v in self.items()
         )
         return f"<table><thead><tr><th>MIM</th><th>value</th></tr></thead>{rows}</table>"
