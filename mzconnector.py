@@ -1,7 +1,8 @@
 """mzconnector: explore a running workflow from a notebook or a script.
 
 Copy this one file next to a notebook; it needs only ``msgspec`` (``pip install msgspec``).
-Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars).
+Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars), ``anyio`` (the async
+client under trio).
 
     import mzconnector
     with mzconnector.connect("127.0.0.1", 7777, timeout=10) as conn:
@@ -16,22 +17,32 @@ here, so client and server can never disagree about a byte. Sections, in depende
 2. Protocol          frames, messages and the sans-IO state machine (bytes in, events out)
 3. Records           the builder that turns a type schema into record (UDR) classes, and their codec
 4. API modules       server-shipped source, executed in a fresh module namespace on the client
-5. Transports        plain TCP and TLS (over ``ssl.MemoryBIO``), safe to share between two threads
-6. Connection        the blocking client: ``connect()``, ``Connection``
+5. Transports        plain TCP and TLS (over ``ssl.MemoryBIO``), safe to share between two
+                     threads; what both clients share: the connect step (``_Handshake``: the
+                     Hello, the answer, errors mapped once) and the ledger of what was sent
+6. Connection        the blocking client: ``connect()``, ``Connection``, and who reads its
+                     socket (``_ReadTurn``)
+7. pandas helpers    records to a DataFrame and back
+8. Async connection  ``connect_async()``, ``AsyncConnection``: asyncio, or anyio (asyncio, trio)
 
 Exceptions::
 
     MZConnectorError
     ├── ConnectError                could not open a connection (unreachable, TLS, handshake)
-    │   ├── ConnectionRefused       the server refused it (a connection limit)
-    │   └── ConnectionRejected      the workflow rejected it (connection control); ``.reason``
+    │   ├── ConnectionRefused       the server refused it, for one of these reasons:
+    │   │   ├── ConnectionLimitReached  its connection limit is reached
+    │   │   ├── HelloRefused        a protocol version it does not speak, or metadata too deep
+    │   │   └── ServerShuttingDown  it is shutting down
+    │   ├── ConnectionRejected      the workflow rejected it (connection control); ``.reason``
+    │   └── ApiModuleError          an API module cannot run here; ``.module``
     ├── ConnectionClosed            the connection is gone; ``.unacknowledged`` lists the records
     │   │                           submitted but never acknowledged by the server
     │   └── ConnectionLost (+ Timeout)  no answer to flush/mim within the timeout: closed
     ├── ProtocolError
     │   ├── LocalProtocolError      this side broke the protocol (a bug, or a record too large)
     │   └── RemoteProtocolError     the peer broke the protocol
-    ├── RecordRefused               the server refused records; ``.errors`` names type and field
+    ├── RecordRefused               records refused (by the server, or here: not encodable, too
+    │                               large); ``.errors`` names index, type and field
     ├── NotAccepted (+ TypeError)   ``submit`` of a type this connector does not accept
     ├── Timeout (+ TimeoutError)    no answer within the timeout
     └── SchemaError (+ ValueError)  a record type declaration that cannot be built
@@ -848,7 +859,7 @@ class Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Transports
+# 5. Transports, and what both clients share: the connect step and the ledger
 # ---------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ clients share, what each refusal raises, and API modules that cannot run on the 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import socket
 import threading
 import time
@@ -468,3 +469,26 @@ def test_async_an_api_module_that_cannot_run_closes_the_connection(
 
     run_async(backend, main, monkeypatch)
     only_the_counter_is_connected(server.port)
+
+
+# -- the README says what the code does ------------------------------------------------------------
+
+
+def client_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## The client: one file")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_readme_names_every_connect_error_and_argument() -> None:
+    section = client_section()
+    for name in mzconnector.__all__:
+        value = getattr(mzconnector, name)
+        if isinstance(value, type) and issubclass(
+            value, (mzconnector.ConnectError, mzconnector.ConnectionClosed)
+        ):
+            assert f"`{name}`" in section, name
+    row = next(line for line in section.splitlines() if line.startswith("| `connect("))
+    for name in list(inspect.signature(mzconnector.connect).parameters)[2:]:  # after host, port
+        assert f" {name}=" in row, name
+        assert f"`{name}" in section, name  # and what it does
