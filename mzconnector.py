@@ -1105,7 +1105,11 @@ class _Handshake:
             metadata=dict(metadata or {}),
             client=f"{client} (Python {sys.version.split()[0]})",
         )
-        self.hello = self.protocol.send(hello)
+        try:
+            self.hello = self.protocol.send(hello)
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(hello.metadata)
+            raise ValueError(f"metadata{path} cannot be encoded: {problem}") from None
         self._tls = tls
         self._hint = _handshake_hint(tls, cert_given)
         self._opened = False
@@ -1225,7 +1229,7 @@ def _encode_problem(value: Any) -> tuple[str, str]:
         return "", "str that is not valid Unicode (a lone surrogate)"
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return "", f"{type(value).__name__} out of range (in UTC: years 1 to 9999)"
-    return "", f"a value of type {type(value).__name__} (records hold their declared types)"
+    return "", f"a value of type {type(value).__name__}"
 
 
 class _Ledger:
@@ -1475,7 +1479,7 @@ class _ClientBase:
                     return
         except ProtocolError as exc:
             self._mark_closed(f"protocol error: {exc}")
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # (bad UTF-8: the latter)
             self._mark_closed(f"protocol error: records that do not decode: {exc}")
 
 
@@ -1533,8 +1537,9 @@ class _ReadTurn:
 
     A caller calls ``enter``, then ``acquire`` (until it returns True) and ``release`` around
     each read, then ``leave``; the background reader ``acquire_background`` and
-    ``release_background`` around each read. Every method is called holding ``cond``, on
-    which callers wait for their turn (and the connection's callers for their answer).
+    ``release_background`` around each read. Every method but ``dispose`` is called holding
+    ``cond``, on which callers wait for their turn (and the connection's callers for their
+    answer).
     """
 
     def __init__(
@@ -1668,10 +1673,10 @@ class Connection(_ClientBase):
         self._cond = self._turn.cond
         try:
             self._load_api(welcome.api)
+            self._handle()  # what arrived with the Welcome
         except BaseException:
             self._turn.dispose()
             raise
-        self._handle()
 
         self._reader = threading.Thread(
             target=self._read_loop, name="mzconnector-reader", daemon=True

@@ -492,3 +492,21 @@ def test_the_readme_names_every_connect_error_and_argument() -> None:
     for name in list(inspect.signature(mzconnector.connect).parameters)[2:]:  # after host, port
         assert f" {name}=" in row, name
         assert f"`{name}" in section, name  # and what it does
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_metadata_that_cannot_be_encoded_is_an_error_before_connecting(
+    client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata = {"team": "analytics", "since": {"year": 2**64}}
+    message = r"metadata\['since'\]\['year'\] cannot be encoded: int out of range"
+    if client == "blocking":
+        with pytest.raises(ValueError, match=message):
+            mzconnector.connect("127.0.0.1", 9, timeout=1, metadata=metadata)
+        return
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match=message):
+            await mzconnector.connect_async("127.0.0.1", 9, timeout=1, metadata=metadata)
+
+    run_async(client, main, monkeypatch)
