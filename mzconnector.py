@@ -1,7 +1,8 @@
 """mzconnector: explore a running workflow from a notebook or a script.
 
 Copy this one file next to a notebook; it needs only ``msgspec`` (``pip install msgspec``).
-Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars).
+Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars), ``anyio`` (the async
+client under trio).
 
     import mzconnector
     with mzconnector.connect("127.0.0.1", 7777, timeout=10) as conn:
@@ -16,22 +17,32 @@ here, so client and server can never disagree about a byte. Sections, in depende
 2. Protocol          frames, messages and the sans-IO state machine (bytes in, events out)
 3. Records           the builder that turns a type schema into record (UDR) classes, and their codec
 4. API modules       server-shipped source, executed in a fresh module namespace on the client
-5. Transports        plain TCP and TLS (over ``ssl.MemoryBIO``), safe to share between two threads
-6. Connection        the blocking client: ``connect()``, ``Connection``
+5. Transports        plain TCP and TLS (over ``ssl.MemoryBIO``), safe to share between two
+                     threads; what both clients share: the connect step (``_Handshake``: the
+                     Hello, the answer, errors mapped once) and the ledger of what was sent
+6. Connection        the blocking client: ``connect()``, ``Connection``, and who reads its
+                     socket (``_ReadTurn``)
+7. pandas helpers    records to a DataFrame and back
+8. Async connection  ``connect_async()``, ``AsyncConnection``: asyncio, or anyio (asyncio, trio)
 
 Exceptions::
 
     MZConnectorError
     ├── ConnectError                could not open a connection (unreachable, TLS, handshake)
-    │   ├── ConnectionRefused       the server refused it (a connection limit)
-    │   └── ConnectionRejected      the workflow rejected it (connection control); ``.reason``
+    │   ├── ConnectionRefused       the server refused it, for one of these reasons:
+    │   │   ├── ConnectionLimitReached  its connection limit is reached
+    │   │   ├── HelloRefused        a protocol version it does not speak, or metadata too deep
+    │   │   └── ServerShuttingDown  it is shutting down
+    │   ├── ConnectionRejected      the workflow rejected it (connection control); ``.reason``
+    │   └── ApiModuleError          an API module cannot run here; ``.module``
     ├── ConnectionClosed            the connection is gone; ``.unacknowledged`` lists the records
     │   │                           submitted but never acknowledged by the server
     │   └── ConnectionLost (+ Timeout)  no answer to flush/mim within the timeout: closed
     ├── ProtocolError
     │   ├── LocalProtocolError      this side broke the protocol (a bug, or a record too large)
     │   └── RemoteProtocolError     the peer broke the protocol
-    ├── RecordRefused               the server refused records; ``.errors`` names type and field
+    ├── RecordRefused               records refused (by the server, or here: not encodable, too
+    │                               large); ``.errors`` names index, type and field
     ├── NotAccepted (+ TypeError)   ``submit`` of a type this connector does not accept
     ├── Timeout (+ TimeoutError)    no answer within the timeout
     └── SchemaError (+ ValueError)  a record type declaration that cannot be built
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import datetime
 import enum
 import itertools
@@ -59,7 +71,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import msgspec
@@ -165,6 +177,32 @@ class ConnectionRejected(ConnectError):
         self.reason = reason
 
 
+class ConnectionLimitReached(ConnectionRefused):
+    """The server refused the connection: its connection limit is reached (or it takes one
+    connection at a time, and one is open)."""
+
+
+class HelloRefused(ConnectionRefused):
+    """The server refused what this client said when connecting: a protocol version it does
+    not speak, or ``metadata`` nested deeper than it allows (the message says which)."""
+
+
+class ServerShuttingDown(ConnectionRefused):
+    """The server refused the connection: it is shutting down."""
+
+
+class ApiModuleError(ConnectError):
+    """An API module the server ships cannot run here: it imports a package this Python does
+    not have, or it raised. ``module`` names it; the connection was not opened."""
+
+    def __init__(self, module: str, message: str) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+__all__ += ["ApiModuleError", "ConnectionLimitReached", "HelloRefused", "ServerShuttingDown"]
+
+
 class ConnectionClosed(MZConnectorError):
     """The connection is closed. ``unacknowledged`` holds the records submitted on it that the
     server never acknowledged (they may or may not have been processed)."""
@@ -201,14 +239,17 @@ class RecordError(msgspec.Struct, array_like=True, frozen=True):
 
 
 class RecordRefused(MZConnectorError):
-    """The server refused one or more records; ``errors`` has a ``RecordError`` for each.
-    The other records of the same batch were delivered."""
+    """Records were refused (by the server, or by the client when it cannot send them);
+    ``errors`` has a ``RecordError`` for each one described, ``omitted`` counts the others
+    (the server describes the first 100 of a batch). The other records were delivered."""
 
-    def __init__(self, errors: list[RecordError]) -> None:
+    def __init__(self, errors: list[RecordError], omitted: int = 0) -> None:
+        total = len(errors) + omitted
         head = "; ".join(str(e) for e in errors[:3])
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        super().__init__(f"the server refused {len(errors)} record(s): {head}{more}")
+        more = f" (and {total - 3} more)" if total > 3 else ""
+        super().__init__(f"{total} record(s) were refused: {head}{more}")
         self.errors = errors
+        self.omitted = omitted
 
 
 class NotAccepted(MZConnectorError, TypeError):
@@ -993,12 +1034,31 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+#: Bytes a table cell shows of a longer bytes value.
+_CELL_BYTES = 16
+
+
+def _cell_text(value: Any) -> str:
+    """A value in a table (a record's, or the MIM values) as a person reads it: text without
+    quotes, a date as ISO text, bytes short; anything else as its ``repr``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (datetime.date, datetime.time)):  # a datetime is a date
+        return str(value)  # ISO: 2026-11-30 12:00:00+00:00
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value[:_CELL_BYTES])
+        if len(value) <= _CELL_BYTES:
+            return repr(data)
+        return f"{data!r}... ({len(value)} bytes)"
+    return repr(value)
+
+
 def _record_html(self: msgspec.Struct) -> str:
     from html import escape
 
     cells = "".join(
         f"<tr><th style='text-align:left'>{escape(f)}</th><td style='text-align:left'>"
-        f"{escape(repr(getattr(self, f)))}</td></tr>"
+        f"{escape(_cell_text(getattr(self, f)))}</td></tr>"
         for f in self.__struct_fields__
     )
     return f"<table><caption>{escape(type(self).__name__)}</caption>{cells}</table>"
@@ -1098,8 +1158,41 @@ class Namespace:
         return f"<{self._title}: {', '.join(self._members)}>"
 
 
+def _load_api_namespace(
+    modules: list[ApiModule], provided: Mapping[str, Any]
+) -> tuple[Namespace, dict[str, types.ModuleType]]:
+    """Run server-shipped API modules, each in a fresh module with the ``provided`` names.
+    A module that cannot run here (a missing package, an error at import) is an
+    ``ApiModuleError`` naming it and the cause."""
+    members: dict[str, Any] = {}
+    loaded: dict[str, types.ModuleType] = {}
+    for spec in modules:
+        module = types.ModuleType(spec.name, None)
+        filename = f"<mzconnector api {spec.name}>"
+        module.__file__ = filename
+        vars(module).update(provided)
+        # Register the source so tracebacks, inspect and help() can show it.
+        lines = spec.source.splitlines(keepends=True)
+        linecache.cache[filename] = (len(spec.source), None, lines, filename)
+        try:
+            exec(compile(spec.source, filename, "exec"), vars(module))
+            exported = api_exports(spec.source, f"API module {spec.name!r}")
+        except Exception as exc:
+            if isinstance(exc, ModuleNotFoundError) and exc.name:
+                problem = f"needs {exc.name!r}, which is not installed here"
+            elif isinstance(exc, MZConnectorError):
+                raise ApiModuleError(spec.name, str(exc)) from exc
+            else:
+                problem = f"cannot run here: {type(exc).__name__}: {exc}"
+            raise ApiModuleError(spec.name, f"API module {spec.name!r} {problem}") from exc
+        for name in exported:
+            members[name] = getattr(module, name)
+        loaded[spec.name] = module
+    return Namespace("API", members), loaded
+
+
 # ---------------------------------------------------------------------------------------------
-# 5. Transports
+# 5. Transports, and what both clients share: the connect step and the ledger
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1217,10 +1310,31 @@ class _TLSTransport(_Transport):
 
 def _tls_context(
     tls: bool | ssl.SSLContext, cafile: str | None, certfile: str | None, keyfile: str | None
-) -> ssl.SSLContext:
+) -> ssl.SSLContext | None:
+    """The TLS context of a connect, or None without TLS. TLS files that would be ignored are
+    a ``ValueError``: a client that meant TLS must not silently connect in plain text."""
+    files = [
+        f"{n}=" for n, v in (("cafile", cafile), ("certfile", certfile), ("keyfile", keyfile)) if v
+    ]
+    if not tls:
+        if files:
+            raise ValueError(
+                f"{', '.join(files)} given with tls=False: pass tls=True to connect over TLS"
+            )
+        return None
     if isinstance(tls, ssl.SSLContext):
+        if files:
+            raise ValueError(
+                f"{', '.join(files)} given with tls=<an SSLContext>: load them into the context "
+                "instead (load_verify_locations, load_cert_chain)"
+            )
         return tls
-    context = ssl.create_default_context(cafile=cafile)
+    if keyfile and not certfile:
+        raise ValueError("keyfile= given without certfile=: pass the client certificate too")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectError(f"cannot load the CA certificates {cafile!r}: {exc}") from exc
     if certfile:
         try:
             context.load_cert_chain(certfile, keyfile)
@@ -1254,6 +1368,142 @@ def _describe_tls_error(exc: ssl.SSLError, where: str) -> str:
     return f"TLS handshake failed: {exc}"
 
 
+def _keepalive(sock: socket.socket, timeout: float) -> None:
+    """Notice a server that vanished without closing (a cut network, a dead host): TCP
+    keep-alive probes after ``timeout`` idle seconds make the connection fail, so no call
+    waits forever on a peer that is gone."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(timeout))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
+
+
+def _handshake_hint(tls: bool, cert_given: bool) -> str:
+    """What a server that drops a connection during the handshake most likely wants."""
+    if not tls:
+        return "(is it a TLS server? then connect with tls=True)"
+    if cert_given:
+        return "(TLS: does it accept this client certificate, signed by a CA it trusts?)"
+    return "(TLS: does it require a client certificate? pass certfile=...)"
+
+
+#: What each code of a ``Refuse`` raises ("rejected" is the workflow's own answer).
+_REFUSALS: dict[str, type[ConnectionRefused]] = {
+    "limit": ConnectionLimitReached,
+    "protocol": HelloRefused,
+    "shutdown": ServerShuttingDown,
+}
+
+
+class _Handshake:
+    """Opening a connection, for both clients, without I/O: the bytes to send first, the
+    server's answer read from the bytes that arrive, and every socket, TLS and timeout error of
+    the attempt mapped, once, to a ``ConnectError`` (as trio's
+    ``_translate_socket_errors_to_stream_errors`` and httpcore's ``map_exceptions`` do). Each
+    client runs it over its own streams::
+
+        with handshake.errors():
+            ...open the stream (TCP, then TLS)...
+            handshake.opened()
+            ...send handshake.hello...
+            while (welcome := handshake.receive(...some bytes...)) is None:
+                pass
+
+    What arrived after the ``Welcome`` stays in ``protocol``, for the connection to handle.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        name: str,
+        metadata: Mapping[str, Any] | None,
+        client: str,
+        tls: bool,
+        cert_given: bool,
+    ) -> None:
+        self.where = f"{host}:{port}"
+        self.timeout = timeout
+        self.protocol = Protocol(Role.CLIENT)
+        hello = Hello(
+            PROTOCOL_VERSION,
+            name=name,
+            metadata=dict(metadata or {}),
+            client=f"{client} (Python {sys.version.split()[0]})",
+        )
+        try:
+            self.hello = self.protocol.send(hello)
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(hello.metadata)
+            raise ValueError(f"metadata{path} cannot be encoded: {problem}") from None
+        self._tls = tls
+        self._hint = _handshake_hint(tls, cert_given)
+        self._opened = False
+
+    def opened(self) -> None:
+        """The stream is open: from now on, a failure is the handshake's."""
+        self._opened = True
+
+    def receive(self, data: bytes) -> Welcome | None:
+        """Feed what arrived (``b""`` at end of stream): the ``Welcome`` once it is complete,
+        None while more is needed. Raises the ``ConnectError`` the server's answer means."""
+        where = self.where
+        self.protocol.receive_data(data)
+        try:
+            event = self.protocol.next_event()
+        except RemoteProtocolError as exc:
+            raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
+        if event is NEED_DATA:
+            return None
+        if isinstance(event, Welcome):
+            if event.protocol != PROTOCOL_VERSION:
+                raise ConnectError(
+                    f"{where} speaks protocol {event.protocol}; "
+                    f"this client speaks {PROTOCOL_VERSION}"
+                )
+            return event
+        if isinstance(event, Refuse):
+            if event.code == "rejected":
+                raise ConnectionRejected(event.reason)
+            refused = _REFUSALS.get(event.code, ConnectionRefused)
+            raise refused(f"{where} refused the connection: {event.reason}")
+        if isinstance(event, Error):
+            raise ConnectError(f"{where} reported an error: {event.message}")
+        # The protocol admits nothing else before a Welcome: the server closed.
+        raise ConnectError(f"{where} closed the connection during the handshake {self._hint}")
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Socket, TLS and timeout errors of the attempt, as ``ConnectError``."""
+        where, timeout = self.where, self.timeout
+        try:
+            yield
+        except TimeoutError:
+            if not self._opened:
+                raise ConnectError(
+                    f"cannot connect to {where}: no answer within {timeout} s"
+                ) from None
+            hint = "" if self._tls else " (is it a TLS server? try tls=True)"
+            raise ConnectError(f"no answer from {where} within {timeout} s{hint}") from None
+        except ssl.SSLError as exc:
+            raise ConnectError(_describe_tls_error(exc, where)) from exc
+        except OSError as exc:
+            if not self._opened:
+                raise ConnectError(
+                    f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
+                ) from exc
+            raise ConnectError(
+                f"{where} dropped the connection during the handshake {self._hint}: {exc}"
+            ) from exc
+
+
 class UnloadableObject:
     """An object the workflow sent that cannot be unpickled here (often: its class was
     defined in a workflow file, which needs ``cloudpickle`` installed to load). ``load()``
@@ -1282,10 +1532,48 @@ def _decode_items(decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> list[An
     return items
 
 
+#: What encoding a value that msgpack cannot hold raises (an int out of range, a lone surrogate,
+#: a datetime out of range in UTC, an object of another type, a cycle).
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def _encode_problem(value: Any) -> tuple[str, str]:
+    """Where and why ``value`` (one that fails to encode) cannot be encoded: the path of the
+    innermost part that fails (``.balance``, ``.address.zip``, ``.tags[2]``) and the problem,
+    in our words (msgspec's change between its releases)."""
+    parts: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, msgspec.Struct):
+        parts = ((f".{f}", getattr(value, f)) for f in value.__struct_fields__)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        parts = ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        parts = ((f"[{key!r}]", part) for key, item in value.items() for part in (key, item))
+    for step, part in parts:
+        try:
+            _encoder.encode(part)
+        except RecursionError:
+            return step, "nested too deeply (or it contains itself)"
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(part)
+            return step + path, problem
+    if isinstance(value, int):
+        return "", "int out of range (-2**63 to 2**64-1)"
+    if isinstance(value, str):
+        return "", "str that is not valid Unicode (a lone surrogate)"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return "", f"{type(value).__name__} out of range (in UTC: years 1 to 9999)"
+    return "", f"a value of type {type(value).__name__}"
+
+
 class _Ledger:
     """What a client has sent, for acknowledgements and for ``unacknowledged``: the batches
     sent and not yet acknowledged, and the records it refused itself (too large for a frame),
-    so that the server's record numbers map back to the order of ``submit``."""
+    so that the server's record numbers map back to the order of ``submit``.
+
+    The sender counts batches in (``frames``, one sender at a time) while whoever reads the
+    socket takes them out (``ack``, ``in_submit_order``): the ledger has its own lock, so that
+    a reader never waits for a sender (which may wait for a server that does not read).
+    """
 
     def __init__(self, codec: RecordCodec, max_frame_size: int) -> None:
         self.codec = codec
@@ -1293,78 +1581,80 @@ class _Ledger:
         self.sent = 0  # records sent to the server
         self.unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
         self.refused_here: list[int] = []  # submit indices of records refused by the client
+        self._lock = threading.Lock()
 
     def frames(self, records: list[Any]) -> tuple[list[bytearray], list[RecordError]]:
-        """Frames for a batch, which is then counted as sent; records too large for any frame
-        are left out and returned as errors."""
+        """Frames for a batch, which is then counted as sent. Records that cannot be encoded,
+        or are too large for a frame, are left out and returned as errors."""
+        refused: list[int] = []
         errors: list[RecordError] = []
         try:
             frames = encode_record_frames(records, self.max_frame_size)
-        except LocalProtocolError:
-            limit = self.max_frame_size - 64
-            first = self.sent + len(self.refused_here)
-            kept = []
-            for i, record in enumerate(records):
+        except (LocalProtocolError, *_ENCODE_ERRORS):
+            records, refused, errors = self._sift(records)
+            frames = encode_record_frames(records, self.max_frame_size) if records else []
+        with self._lock:
+            self.refused_here += refused
+            if records:
+                self.sent += len(records)
+                self.unacked.append((self.sent, records))
+        return frames, errors
+
+    def _sift(self, records: list[Any]) -> tuple[list[Any], list[int], list[RecordError]]:
+        """The records that can go, and the submit indices and errors of those that cannot.
+        Only for a batch that failed as a whole: it encodes each record on its own."""
+        limit = self.max_frame_size - 64
+        first = self.sent + len(self.refused_here)
+        kept: list[Any] = []
+        refused: list[int] = []
+        errors: list[RecordError] = []
+        for i, record in enumerate(records):
+            field = None
+            try:
                 size = len(_encoder.encode(record))
+            except RecursionError:  # too deep to look into
+                problem = "cannot be encoded: nested too deeply (or it contains itself)"
+            except _ENCODE_ERRORS:
+                path, problem = _encode_problem(record)
+                field, problem = path.lstrip("."), f"cannot be encoded: {problem}"
+            else:
                 if size <= limit:
                     kept.append(record)
                     continue
-                name = self.codec.by_class.get(type(record), type(record).__name__)
-                self.refused_here.append(first + i)
-                message = f"{size} bytes encoded; the server takes at most {limit} bytes a record"
-                errors.append(RecordError(first + i, name, None, message))
-            records = kept
-            frames = encode_record_frames(kept, self.max_frame_size) if kept else []
-        if records:
-            self.sent += len(records)
-            self.unacked.append((self.sent, records))
-        return frames, errors
+                problem = f"{size} bytes encoded; the server takes at most {limit} bytes a record"
+            name = self.codec.by_class.get(type(record), type(record).__name__)
+            refused.append(first + i)
+            errors.append(RecordError(first + i, name, field or None, problem))
+        return kept, refused, errors
 
     def ack(self, taken: int) -> None:
-        while self.unacked and self.unacked[0][0] <= taken:
-            self.unacked.popleft()
+        with self._lock:
+            while self.unacked and self.unacked[0][0] <= taken:
+                self.unacked.popleft()
 
     def in_submit_order(self, errors: list[RecordError]) -> list[RecordError]:
         """The server numbers the records it received; renumber them in submit order."""
-        if not self.refused_here:
+        with self._lock:
+            refused_here = list(self.refused_here)
+        if not refused_here:
             return errors
         out = []
         for error in errors:
             index = error.index
-            for refused in self.refused_here:
+            for refused in refused_here:
                 if refused <= index:
                     index += 1
             out.append(msgspec.structs.replace(error, index=index))
         return out
 
     def unacknowledged(self) -> list[Any]:
-        return [r for _, batch in self.unacked for r in batch]
+        with self._lock:
+            return [r for _, batch in self.unacked for r in batch]
 
 
 # ---------------------------------------------------------------------------------------------
 # 6. Connection: the blocking client
 # ---------------------------------------------------------------------------------------------
-
-
-def _load_api_namespace(
-    modules: list[ApiModule], provided: Mapping[str, Any]
-) -> tuple[Namespace, dict[str, types.ModuleType]]:
-    """Run server-shipped API modules, each in a fresh module with the ``provided`` names."""
-    members: dict[str, Any] = {}
-    loaded: dict[str, types.ModuleType] = {}
-    for spec in modules:
-        module = types.ModuleType(spec.name, None)
-        filename = f"<mzconnector api {spec.name}>"
-        module.__file__ = filename
-        vars(module).update(provided)
-        # Register the source so tracebacks, inspect and help() can show it.
-        lines = spec.source.splitlines(keepends=True)
-        linecache.cache[filename] = (len(spec.source), None, lines, filename)
-        exec(compile(spec.source, filename, "exec"), vars(module))
-        for name in api_exports(spec.source, f"API module {spec.name!r}"):
-            members[name] = getattr(module, name)
-        loaded[spec.name] = module
-    return Namespace("API", members), loaded
 
 
 class _ClientBase:
@@ -1390,8 +1680,10 @@ class _ClientBase:
         self._inbox: collections.deque[Any] = collections.deque()
         self._acked = 0
         self._errors: list[RecordError] = []
+        self._omitted = 0  # refused records the server counted without describing
         self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
         self._closed: str | None = None
+        self._failure: BaseException | None = None  # what broke the connection, if ours
         self.dropped = 0
         self.api = Namespace("API", {})
         self.api_modules: dict[str, types.ModuleType] = {}
@@ -1438,6 +1730,7 @@ class _ClientBase:
             self._acked = event.taken
         elif isinstance(event, Refused):
             self._errors.extend(self._ledger.in_submit_order(event.errors))
+            self._omitted += event.omitted
         elif isinstance(event, Mim):
             self._mim_replies.append(event.values)
         elif isinstance(event, Notice):
@@ -1458,6 +1751,42 @@ class _ClientBase:
         if self._closed is None:
             self._closed = reason
 
+    def _fail(self, where: str, exc: BaseException) -> None:
+        """``where`` failed (a bug, or Ctrl-C midway through handling what arrived): the
+        connection cannot go on. The next call raises ``ConnectionClosed`` saying so, caused by
+        ``exc``: a thread of ours never dies silently."""
+        if self._failure is None:
+            self._failure = exc
+        self._mark_closed(f"{where} failed: {exc!r}")
+
+    def _give_up(self, reason: str) -> ConnectionLost:
+        """The server did not answer in time: the connection is taken for lost."""
+        self._mark_closed(reason)
+        return ConnectionLost(reason, self._unacknowledged())  # type: ignore[attr-defined]
+
+    def _closed_error(self) -> ConnectionClosed:
+        """What a call on the closed connection raises."""
+        unacknowledged = self._unacknowledged()  # type: ignore[attr-defined]
+        error = ConnectionClosed(self._closed or "closed", unacknowledged)
+        error.__cause__ = self._failure
+        return error
+
+    def _handle(self, data: bytes | None = None) -> None:
+        """Feed what was read (None: handle only what is buffered, e.g. what arrived with the
+        Welcome) and handle every complete event. A broken protocol, or records that do not
+        decode as their declared types, end the connection."""
+        protocol = self._protocol
+        try:
+            if data is not None:
+                protocol.receive_data(data)
+            for event in protocol.events():
+                if self._on_event(event):  # type: ignore[attr-defined]
+                    return
+        except ProtocolError as exc:
+            self._mark_closed(f"protocol error: {exc}")
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # (bad UTF-8: the latter)
+            self._mark_closed(f"protocol error: records that do not decode: {exc}")
+
 
 class MimValues(dict):  # type: ignore[type-arg]
     """MIM values, name -> value: a dict that shows as a table in Jupyter."""
@@ -1467,10 +1796,131 @@ class MimValues(dict):  # type: ignore[type-arg]
 
         rows = "".join(
             f"<tr><th style='text-align:left'>{escape(str(k))}</th>"
-            f"<td style='text-align:left'>{escape(repr(v))}</td></tr>"
+            f"<td style='text-align:left'>{escape(_cell_text(v))}</td></tr>"
             for k, v in self.items()
         )
         return f"<table><thead><tr><th>MIM</th><th>value</th></tr></thead>{rows}</table>"
+
+
+class _Reader(enum.Enum):
+    """Who reads the socket of a blocking connection now (nobody: None)."""
+
+    CALLER = "a caller"
+    BACKGROUND = "the background reader"
+
+
+class _ReadTurn:
+    """Whose turn it is to read the socket of a blocking connection: a caller that waits for
+    the server (``flush``, ``receive``, ``mim``, ``close``), or the background reader.
+
+    Whoever waits for the server reads the socket itself: handing what arrives from one thread
+    to another costs a cross-core wake-up per round trip (measured here: 70-80 us, most of a
+    loopback round trip). The background reader reads only while no caller waits, so that
+    records arriving while the notebook is idle are buffered; and it leaves the socket alone
+    for ``idle`` seconds after a caller last read, so that a loop of calls keeps it to itself.
+    A caller that finds the background reader in the socket wakes it with a byte on a
+    socketpair (the reader waits on ``wake`` beside the socket) and waits for its turn.
+
+    A caller calls ``enter``, then ``acquire`` (until it returns True) and ``release`` around
+    each read, then ``leave``; the background reader ``acquire_background`` and
+    ``release_background`` around each read. Every method but ``dispose`` is called holding
+    ``cond``, on which callers wait for their turn (and the connection's callers for their
+    answer).
+    """
+
+    def __init__(
+        self,
+        *,
+        idle: float = _IDLE,
+        clock: Callable[[], float] = time.monotonic,
+        condition: Callable[[Any], threading.Condition] = threading.Condition,
+    ) -> None:
+        lock = threading.RLock()
+        self.cond = condition(lock)
+        # The background reader waits apart: a caller never wakes it (that would cost every
+        # call a context switch); it looks again after at most ``idle`` seconds.
+        self._background = condition(lock)
+        self.reader: _Reader | None = None
+        self._idle = idle
+        self._clock = clock
+        self._waiting = 0  # callers between enter() and leave()
+        self._last_read = -float("inf")  # when a caller last released the socket
+        self._woken = False  # a wake byte is on its way to the background reader
+        self._closed = False
+        self.wake, self._wake_w = socket.socketpair()
+
+    # -- callers ----------------------------------------------------------------------------
+    def enter(self) -> None:
+        """A caller waits for the server: the background reader must not read until it leaves."""
+        self._waiting += 1
+
+    def acquire(self) -> bool:
+        """The socket, for this caller, if nobody reads it (True). Else False, and the
+        background reader, if it is the one reading, is asked to let go: wait on ``cond``
+        and try again."""
+        if self.reader is None:
+            self.reader = _Reader.CALLER
+            return True
+        if self.reader is _Reader.BACKGROUND:
+            if not self._woken:
+                self._woken = True
+                self._wake_w.send(b"\0")
+            self.cond.notify_all()  # in case it waits for room in the inbox
+        return False
+
+    def release(self) -> None:
+        """This caller has read."""
+        self.reader = None
+        self._last_read = self._clock()
+        self.cond.notify_all()
+
+    def leave(self) -> None:
+        """This caller no longer waits."""
+        self._waiting -= 1
+
+    # -- the background reader --------------------------------------------------------------
+    def acquire_background(self) -> bool:
+        """Wait until the background reader may read (nobody reads, no caller waits, none
+        read within ``idle`` s) and give it the socket: True. False once closed."""
+        while not self._closed:
+            delay = self._idle
+            if self.reader is None and not self._waiting:
+                delay = self._last_read + self._idle - self._clock()
+                if delay <= 0:
+                    self.reader = _Reader.BACKGROUND
+                    return True
+            self._background.wait(delay)
+        return False
+
+    def release_background(self) -> None:
+        """The background reader has read, or was woken to let go."""
+        if self._woken:
+            self.wake.recv(64)
+            self._woken = False
+        self.reader = None
+        self.cond.notify_all()
+
+    def background_alone(self) -> bool:
+        """Whether the background reader reads while no caller waits (then it may stop and
+        wait for room in the inbox: nobody needs what it would read)."""
+        return self.reader is _Reader.BACKGROUND and not self._waiting
+
+    # -- the end ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """No more reading: the background reader ends (it is woken if it waits)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+        self.cond.notify_all()
+        self._background.notify_all()
+
+    def dispose(self) -> None:
+        """Close the socketpair, once no thread uses it."""
+        self.wake.close()
+        self._wake_w.close()
 
 
 class Connection(_ClientBase):
@@ -1499,22 +1949,20 @@ class Connection(_ClientBase):
         self._batch_bytes = min(1 << 20, welcome.max_frame_size // 4)
         self._linger = linger
         self._max_buffered = max_buffered
-        # The send side (_buf, _ledger) is guarded by _send_lock; the receive side by _cond.
-        # Where both are needed, _send_lock is taken first.
+        # The send side (_buf) is guarded by _send_lock, the receive side by _cond, the ledger
+        # by its own lock. Where two are needed, _send_lock is taken first; the ledger's last.
         self._send_lock = threading.Lock()
         self._buf_bytes = 0
         self._first_at = 0.0  # when the oldest buffered record was submitted
         self._linger_armed = threading.Event()
-        self._cond = threading.Condition()
-        self._closing = threading.Event()
-        # Who reads the socket (see "reading" below).
-        self._owner: Any = None
-        self._reading = False
-        self._fg_calls = 0
-        self._fg_last = 0.0
-        self._steal_requested = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._load_api(welcome.api)
+        self._turn = _ReadTurn()
+        self._cond = self._turn.cond
+        try:
+            self._load_api(welcome.api)
+            self._handle()  # what arrived with the Welcome
+        except BaseException:
+            self._turn.dispose()
+            raise
 
         self._reader = threading.Thread(
             target=self._read_loop, name="mzconnector-reader", daemon=True
@@ -1537,9 +1985,10 @@ class Connection(_ClientBase):
         if self._errors:
             with self._cond:
                 errors, self._errors = self._errors, []
-            raise RecordRefused(errors)
+                omitted, self._omitted = self._omitted, 0
+            raise RecordRefused(errors, omitted)
         if self._closed is not None:
-            raise ConnectionClosed(self._closed, self._unacknowledged())
+            raise self._closed_error()
 
     def _unacknowledged(self) -> list[Any]:
         with self._send_lock:
@@ -1568,14 +2017,9 @@ class Connection(_ClientBase):
         """Queue many records; returns how many. ``progress=True`` shows a tqdm bar."""
         accepted = self._accepted_classes
         count = 0
-        iterator: Iterable[Any] = records
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")
+        bar = _progress_bar(records) if progress else None
         try:
-            for chunk in _chunks(iterator, self._batch_size):
+            for chunk in _chunks(records, self._batch_size):
                 for record in chunk:
                     if type(record) not in accepted:
                         raise self._not_accepted(record)
@@ -1607,12 +2051,12 @@ class Connection(_ClientBase):
 
     def _send_buffer(self) -> None:
         """Send what ``submit`` buffered. Holds _send_lock."""
-        records = self._buf
-        if not records:
+        if not self._buf:
             return
+        frames, errors = self._ledger.frames(self._buf)
+        self._protocol.send_records(frames)
         self._buf = []
         self._buf_bytes = 0
-        frames, errors = self._ledger.frames(records)
         if errors:
             with self._cond:
                 self._errors.extend(errors)
@@ -1640,43 +2084,61 @@ class Connection(_ClientBase):
         sleeps on an event while nothing is buffered, and otherwise wakes once per
         ``linger``: never once per record."""
         armed = self._linger_armed
-        while self._closed is None:
-            armed.wait()
+        try:
             while self._closed is None:
-                delay = self._first_at + self._linger - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                with self._send_lock:
-                    if self._closed is not None:
-                        return
-                    if not self._buf:
-                        armed.clear()
-                        break
-                    if time.monotonic() >= self._first_at + self._linger:
-                        try:
-                            self._send_buffer()
-                        except ConnectionClosed:
+                armed.wait()
+                while self._closed is None:
+                    delay = self._first_at + self._linger - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    with self._send_lock:
+                        if self._closed is not None:
                             return
+                        if not self._buf:
+                            armed.clear()
+                            break
+                        if time.monotonic() >= self._first_at + self._linger:
+                            self._send_buffer()
+        except ConnectionClosed:
+            return
+        except Exception as exc:
+            self._fail("the linger thread", exc)
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything submitted and return once the server has taken all of it (handed
-        each record to its route). Raises ``RecordRefused`` if it refused any."""
+        each record to its route). Raises ``RecordRefused`` if it refused any, and
+        ``ConnectionLost`` (the connection is given up) when the server does not answer
+        within ``timeout`` seconds (None: the connect ``timeout``)."""
         self._check()
         with self._send_lock:
             target = self._ledger.sent + len(self._buf)
         self._send_message(Flush())
-        self._wait(lambda: self._acked >= target or bool(self._errors), timeout, "flush")
+        limit = self.timeout if timeout is None else timeout
+        self._wait(
+            lambda: self._acked >= target or bool(self._errors),
+            limit,
+            lambda: self._give_up(f"flush: no answer from the server within {limit} s"),
+        )
         self._check()
 
     # -- receiving --------------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> Any:
         """The next record the workflow sent to this client. Sends buffered submits first.
-        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``."""
+        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``; the
+        connection stays usable. Raises ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
         if not self._inbox:
             if self._buf:
                 with self._send_lock:
                     self._send_buffer()
-            self._wait(lambda: bool(self._inbox), timeout, "receive")
+            self._wait(
+                lambda: bool(self._inbox or self._errors),
+                timeout,
+                lambda: Timeout(f"receive: no record within {timeout} s"),
+            )
+            if self._errors:
+                self._check()
         with self._cond:
             record = self._inbox.popleft()
             if len(self._inbox) + 1 >= self._max_buffered:
@@ -1687,15 +2149,20 @@ class Connection(_ClientBase):
         self, max_records: int | None = None, timeout: float | None = 0.0
     ) -> list[Any]:
         """Every record already received (at most ``max_records``); if there is none, waits
-        up to ``timeout`` for the first. Returns an empty list on timeout."""
+        up to ``timeout`` for the first. Returns an empty list on timeout. Raises
+        ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
         if self._buf:
             with self._send_lock:
                 self._send_buffer()
         if not self._inbox:
             try:
-                self._wait(lambda: bool(self._inbox), timeout, "receive")
+                self._wait(lambda: bool(self._inbox or self._errors), timeout, Timeout)
             except Timeout:
                 return []
+            if self._errors:
+                self._check()
         with self._cond:
             inbox = self._inbox
             if max_records is None or max_records >= len(inbox):
@@ -1716,172 +2183,141 @@ class Connection(_ClientBase):
                 return
 
     def mim(self, timeout: float | None = None) -> MimValues:
-        """The workflow's MIM values now: built-in counters and assigned values."""
+        """The workflow's MIM values now: built-in counters and assigned values. Raises
+        ``ConnectionLost`` when the server does not answer within ``timeout`` seconds (None:
+        the connect ``timeout``)."""
         self._check()
         self._send_message(GetMim())
-        self._wait(lambda: bool(self._mim_replies), timeout, "mim")
+        limit = self.timeout if timeout is None else timeout
+        self._wait(
+            lambda: bool(self._mim_replies),
+            limit,
+            lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
+        )
+        if not self._mim_replies:  # closed, with refusals to report first
+            self._check()
         with self._cond:
             return MimValues(self._mim_replies.popleft())
 
-    # -- reading ----------------------------------------------------------------------------
-    #
-    # Whoever waits for the server reads the socket itself: a thread that hands data to
-    # another costs a cross-core wake-up per round trip (measured here: 70-80 us, most of a
-    # loopback round trip). The background thread reads only while no call is waiting, so
-    # that records arriving while the notebook is idle are buffered and not lost. Ownership
-    # of the socket's read side is ``_owner``: None, "bg", or the id of the reading thread.
-
-    def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
-        """Until ``ready()``: read (or let the background thread read) and dispatch."""
-        if timeout is None and what != "receive":
-            timeout = self.timeout
+    # -- reading (see _ReadTurn) ------------------------------------------------------------
+    def _wait(
+        self,
+        ready: Callable[[], bool],
+        timeout: float | None,
+        expired: Callable[[], MZConnectorError],
+    ) -> None:
+        """Until ``ready()``: read the socket, or wait while another thread reads it, and
+        handle what arrives. Raises ``ConnectionClosed`` once the connection is gone, and what
+        ``expired()`` returns after ``timeout`` seconds (None: no limit)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.get_ident()
-        cond = self._cond
-        lost = False
+        cond, turn = self._cond, self._turn
         with cond:
-            self._fg_calls += 1
+            turn.enter()
         try:
             while True:
                 with cond:
-                    while True:
+                    mine = False
+                    while not mine:
                         if ready() or (self._closed is not None and self._errors):
                             return
-                        if self._closed is not None:
-                            break
                         remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            if what == "receive":  # the workflow may simply have sent nothing
-                                raise Timeout(f"receive: no record within {timeout} s")
-                            self._closed = f"{what}: no answer from the server within {timeout} s"
-                            lost = True
+                        if self._closed is not None or (remaining is not None and remaining <= 0):
                             break
-                        owner = self._owner
-                        if owner is None or (owner != "bg" and not self._reading):
-                            self._owner = me
-                            self._reading = True
-                            break
-                        if owner == "bg" and not self._steal_requested:
-                            self._steal_requested = True
-                            self._wake_w.send(b"\0")
-                            cond.notify_all()  # in case the reader waits for inbox space
-                        cond.wait(remaining)
-                if self._closed is not None:  # (the ledger is not read under _cond)
-                    if lost:
-                        self._mark_closed(self._closed)
-                        raise ConnectionLost(self._closed, self._unacknowledged())
-                    raise ConnectionClosed(self._closed, self._unacknowledged())
+                        mine = turn.acquire()
+                        if not mine:
+                            cond.wait(remaining)
+                if not mine:  # (the ledger is not read under _cond)
+                    if self._closed is not None:
+                        raise self._closed_error()
+                    raise expired()
                 try:
                     self._read_once(remaining)
                 finally:
                     with cond:
-                        self._reading = False
-                        self._fg_last = time.monotonic()
-                        cond.notify_all()
+                        turn.release()
         finally:
             with cond:
-                self._fg_calls -= 1
+                turn.leave()
 
-    def _read_once(self, timeout: float | None) -> None:
-        """Read what arrives within ``timeout`` and dispatch it. Only the owner calls this."""
+    def _read_once(self, timeout: float | None, wake: socket.socket | None = None) -> None:
+        """Read what arrives within ``timeout`` (or until ``wake`` is readable) and handle it.
+        Only the thread whose turn it is calls this."""
         try:
             # A Ctrl-C while waiting here leaves the connection intact: nothing was read.
-            if not self._transport.wait_readable(timeout):
+            if self._transport.wait_readable(timeout, wake) is not True:
                 return
+            data = self._transport.recv()
         except OSError as exc:
             self._mark_closed(f"connection lost: {exc}")
             return
         try:
-            data = self._transport.recv()
-            protocol = self._protocol
-            protocol.receive_data(data)
-            for event in protocol.events():
-                if self._on_event(event):
-                    return
-        except ProtocolError as exc:
-            self._mark_closed(f"protocol error: {exc}")
-        except (OSError, ValueError) as exc:
-            self._mark_closed(f"connection lost: {exc}")
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            self._mark_closed(f"reader failed: {exc!r}")
+            self._handle(data)
+        except BaseException as exc:  # what was read is lost: callers must not wait forever
+            self._fail("handling what the server sent", exc)
             raise
 
-    def _release_to_caller(self) -> None:
-        """The background reader gives up the socket. Holds _cond."""
-        if self._steal_requested:
-            self._wake_r.recv(64)
-            self._steal_requested = False
-        self._owner = None
-        self._cond.notify_all()
-
     def _read_loop(self) -> None:
-        """The background reader: reads while no call is waiting for the server."""
-        cond = self._cond
-        wake = self._wake_r
-        while self._closed is None:
-            with cond:
-                may_read = (
-                    not self._fg_calls
-                    and not self._reading
-                    and (self._owner in (None, "bg") or time.monotonic() - self._fg_last >= _IDLE)
-                )
-                if may_read:
-                    self._owner = "bg"
-                elif self._owner == "bg":  # a call is waiting: hand the socket over
-                    self._release_to_caller()
-            if not may_read:
-                self._closing.wait(_IDLE)
-                continue
-            readable = self._transport.wait_readable(None, wake)
-            if readable is wake:
+        """The background reader: reads while no caller waits for the server."""
+        cond, turn = self._cond, self._turn
+        try:
+            while True:
                 with cond:
-                    self._release_to_caller()
-                continue
-            self._read_once(0)
+                    if not turn.acquire_background():
+                        return
+                try:
+                    self._read_once(None, turn.wake)
+                finally:
+                    with cond:
+                        turn.release_background()
+        except Exception as exc:
+            self._fail("the background reader", exc)
 
     def _on_event(self, event: Any) -> bool:
-        """Handle one event; True when the connection is over."""
+        """Handle one event; True when the connection is over. Whoever reads calls this; it
+        takes only ``_cond``, never the send lock: a reader never waits behind a long send."""
+        cond = self._cond
         if not isinstance(event, Records):
-            with self._send_lock, self._cond:
+            with cond:
                 over = self._apply(event)
-                self._cond.notify_all()
+                cond.notify_all()
             return over
         items = _decode_items(self._decoder, event.items)
-        with self._cond:
+        with cond:
             # The background reader stops at the bound (the server then holds records
             # back); a call that waits for the server reads on regardless.
             while (
                 len(self._inbox) >= self._max_buffered
                 and self._closed is None
-                and self._owner == "bg"
-                and not self._fg_calls
+                and self._turn.background_alone()
             ):
-                self._cond.wait()
+                cond.wait()
             self._inbox.extend(items)
-            self._cond.notify_all()
+            cond.notify_all()
         return False
 
     def _mark_closed(self, reason: str) -> None:
         with self._cond:
             if self._closed is None:
                 self._closed = reason
-            self._cond.notify_all()
-        self._closing.set()
+            self._turn.close()
         self._linger_armed.set()  # wake the linger thread so it ends
-        try:
-            self._wake_w.send(b"\0")  # wake the background reader so it ends
-        except OSError:
-            pass
 
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
-        """Send what is buffered, say goodbye and close. Safe to call twice."""
+        """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
+        (None: the connect ``timeout``) for the server to close its side. Safe to call
+        twice."""
         if self._closed is None:
+            limit = self.timeout if timeout is None else timeout
             try:
                 self._send_message(Bye("client closed"))
                 # Read until the server closes: closing with unread data would reset the
                 # connection, and the server could lose the last records it was sent.
-                self._wait(lambda: self._closed is not None, timeout, "close")
+                self._wait(
+                    lambda: self._closed is not None,
+                    limit,
+                    lambda: self._give_up(f"close: no answer from the server within {limit} s"),
+                )
             except (ConnectionClosed, Timeout):
                 pass
             with self._cond:
@@ -1889,8 +2325,16 @@ class Connection(_ClientBase):
         self._mark_closed("closed by the client")
         self._reader.join(self.timeout)
         self._transport.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._turn.dispose()
+
+
+def _progress_bar(records: Iterable[Any]) -> Any:
+    """A tqdm bar for ``submit_many(progress=True)`` (tqdm is imported only then)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("the progress bars of mzconnector need tqdm (pip install tqdm)") from None
+    return tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")
 
 
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -1921,124 +2365,53 @@ def connect(
     connects over TLS, verifying the server against ``cafile`` (or the system store);
     ``certfile``/``keyfile`` present a client certificate.
     """
-    where = f"{host}:{port}"
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except TimeoutError:
-        raise ConnectError(f"cannot connect to {where}: no answer within {timeout} s") from None
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
-        ) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _keepalive(sock, timeout)
-    try:
-        transport: _Transport
-        if tls:
-            context = _tls_context(tls, cafile, certfile, keyfile)
-            try:
-                transport = _TLSTransport(sock, context, host)
-            except ssl.SSLError as exc:
-                raise ConnectError(_describe_tls_error(exc, where)) from exc
-        else:
-            transport = _Transport(sock)
-        protocol = Protocol(Role.CLIENT)
-        hello = Hello(
-            PROTOCOL_VERSION,
-            name=name,
-            metadata=dict(metadata or {}),
-            client=f"mzconnector {__version__} (Python {sys.version.split()[0]})",
-        )
-        transport.send(protocol.send(hello))
-        welcome = _await_welcome(transport, protocol, where, timeout, bool(certfile))
-    except BaseException:
-        sock.close()
-        raise
-    sock.settimeout(timeout)
-    return Connection(
-        transport,
-        protocol,
-        welcome,
+    context = _tls_context(tls, cafile, certfile, keyfile)
+    handshake = _Handshake(
+        host,
+        port,
         timeout=timeout,
-        batch_size=batch_size,
-        linger=linger,
-        max_buffered=max_buffered,
+        name=name,
+        metadata=metadata,
+        client=f"mzconnector {__version__}",
+        tls=context is not None,
+        cert_given=bool(certfile),
     )
-
-
-def _keepalive(sock: socket.socket, timeout: float) -> None:
-    """Notice a server that vanished without closing (a cut network, a dead host): TCP
-    keep-alive probes after ``timeout`` idle seconds make the connection fail, so no call
-    waits forever on a peer that is gone."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    idle = max(1, int(timeout))
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
-        option = getattr(socket, name, None)
-        if option is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
-            except OSError:
-                pass
-
-
-def _handshake_hint(tls: bool, cert_given: bool) -> str:
-    """What a server that drops a connection during the handshake most likely wants."""
-    if not tls:
-        return "(is it a TLS server? then connect with tls=True)"
-    if cert_given:
-        return "(TLS: does it accept this client certificate, signed by a CA it trusts?)"
-    return "(TLS: does it require a client certificate? pass certfile=...)"
-
-
-def _welcome_or_raise(event: Any, where: str, hint: str) -> Welcome:
-    """The server's answer to Hello: the ``Welcome``, or the ``ConnectError`` it means."""
-    if isinstance(event, Welcome):
-        if event.protocol != PROTOCOL_VERSION:
-            raise ConnectError(
-                f"{where} speaks protocol {event.protocol}; this client speaks {PROTOCOL_VERSION}"
-            )
-        return event
-    if isinstance(event, Refuse):
-        if event.code == "rejected":
-            raise ConnectionRejected(event.reason)
-        raise ConnectionRefused(f"{where} refused the connection: {event.reason}")
-    if isinstance(event, Error):
-        raise ConnectError(f"{where} reported an error: {event.message}")
-    if isinstance(event, Closed):
-        raise ConnectError(f"{where} closed the connection during the handshake {hint}")
-    raise ConnectError(f"{where} sent {type(event).__name__} before Welcome")
-
-
-def _await_welcome(
-    transport: _Transport, protocol: Protocol, where: str, timeout: float, cert_given: bool
-) -> Welcome:
     deadline = time.monotonic() + timeout
-    tls = isinstance(transport, _TLSTransport)
-    gone = _handshake_hint(tls, cert_given)
-    while True:
-        try:
-            event = protocol.next_event()
-        except RemoteProtocolError as exc:
-            raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
-        if event is NEED_DATA:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ConnectError(f"no answer from {where} within {timeout} s")
-            transport.sock.settimeout(remaining)
-            try:
-                data = transport.recv()
-            except TimeoutError:
-                hint = "" if tls else " (is it a TLS server? try tls=True)"
-                raise ConnectError(f"no answer from {where} within {timeout} s{hint}") from None
-            except ssl.SSLError as exc:
-                raise ConnectError(_describe_tls_error(exc, where)) from exc
-            except OSError as exc:
-                raise ConnectError(
-                    f"{where} dropped the connection during the handshake {gone}: {exc}"
-                ) from exc
-            protocol.receive_data(data)
-            continue
-        return _welcome_or_raise(event, where, gone)
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    sock = None
+    try:
+        with handshake.errors():
+            sock = socket.create_connection((host, port), timeout=timeout)
+            handshake.opened()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock, timeout)
+            sock.settimeout(remaining())
+            transport = _Transport(sock) if context is None else _TLSTransport(sock, context, host)
+            transport.send(handshake.hello)
+            welcome = None
+            while welcome is None:
+                sock.settimeout(remaining())
+                welcome = handshake.receive(transport.recv())
+        sock.settimeout(timeout)
+        return Connection(
+            transport,
+            handshake.protocol,
+            welcome,
+            timeout=timeout,
+            batch_size=batch_size,
+            linger=linger,
+            max_buffered=max_buffered,
+        )
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2202,25 +2575,13 @@ class _AsyncioStream:
         self._writer = writer
 
     @classmethod
-    async def open(
-        cls, host: str, port: int, context: ssl.SSLContext | None, timeout: float
-    ) -> _AsyncioStream:
+    async def open(cls, host: str, port: int, context: ssl.SSLContext | None) -> _AsyncioStream:
         import asyncio
 
         tls: dict[str, Any] = {}
         if context is not None:
-            tls = {"ssl": context, "server_hostname": host, "ssl_handshake_timeout": timeout}
-        reader, writer = await cls._deadline(timeout, asyncio.open_connection(host, port, **tls))
-        return cls(reader, writer)
-
-    @staticmethod
-    async def _deadline(timeout: float, awaitable: Any) -> Any:
-        import asyncio
-
-        try:
-            return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            raise TimeoutError from None
+            tls = {"ssl": context, "server_hostname": host}
+        return cls(*await asyncio.open_connection(host, port, **tls))
 
     @staticmethod
     def lock() -> Any:
@@ -2228,9 +2589,15 @@ class _AsyncioStream:
 
         return asyncio.Lock()
 
-    async def with_timeout(self, timeout: float, function: Callable[[], Any]) -> Any:
+    @staticmethod
+    async def with_timeout(timeout: float, function: Callable[[], Any]) -> Any:
         """``await function()``; ``TimeoutError`` if it takes more than ``timeout`` s."""
-        return await self._deadline(timeout, function())
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(function(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise TimeoutError from None
 
     async def send_all(self, data: bytes | bytearray) -> None:
         self._writer.write(data)
@@ -2264,38 +2631,45 @@ class _AsyncioStream:
 class _AnyioStream:
     """A byte stream over anyio (asyncio or trio). Raises ``OSError`` (incl. ``ssl.SSLError``)."""
 
-    def __init__(self, anyio: Any, stream: Any) -> None:
+    def __init__(self, stream: Any) -> None:
+        import anyio
+
         self._anyio = anyio
         self._stream = stream
         self._errors = (anyio.BrokenResourceError, anyio.ClosedResourceError)
 
     @classmethod
-    async def open(
-        cls, anyio: Any, host: str, port: int, context: ssl.SSLContext | None, timeout: float
-    ) -> _AnyioStream:
+    async def open(cls, host: str, port: int, context: ssl.SSLContext | None) -> _AnyioStream:
+        import anyio
+
         try:
-            with anyio.fail_after(timeout):
-                stream = await anyio.connect_tcp(
-                    host,
-                    port,
-                    tls=context is not None,
-                    ssl_context=context,
-                    tls_hostname=host if context is not None else None,
-                    # The server may close without a TLS close_notify: that is an end of stream.
-                    tls_standard_compatible=False,
-                )
+            stream = await anyio.connect_tcp(
+                host,
+                port,
+                tls=context is not None,
+                ssl_context=context,
+                tls_hostname=host if context is not None else None,
+                # The server may close without a TLS close_notify: that is an end of stream.
+                tls_standard_compatible=False,
+            )
         except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             raise ConnectionResetError(
                 "the server closed the connection during the TLS handshake"
             ) from exc
-        return cls(anyio, stream)
+        return cls(stream)
 
-    def lock(self) -> Any:
-        return self._anyio.Lock()
+    @staticmethod
+    def lock() -> Any:
+        import anyio
 
-    async def with_timeout(self, timeout: float, function: Callable[[], Any]) -> Any:
+        return anyio.Lock()
+
+    @staticmethod
+    async def with_timeout(timeout: float, function: Callable[[], Any]) -> Any:
         """``await function()``; ``TimeoutError`` if it takes more than ``timeout`` s."""
-        with self._anyio.fail_after(timeout):
+        import anyio
+
+        with anyio.fail_after(timeout):
             return await function()
 
     async def send_all(self, data: bytes | bytearray) -> None:
@@ -2330,32 +2704,19 @@ class _AnyioStream:
         await self._anyio.aclose_forcefully(self._stream)
 
 
-async def _open_async_stream(
-    host: str, port: int, context: ssl.SSLContext | None, timeout: float
-) -> _AsyncioStream | _AnyioStream:
-    where = f"{host}:{port}"
-    anyio = _import_anyio()
-    if anyio is None:
-        import asyncio
+def _async_stream_kind() -> type[_AsyncioStream] | type[_AnyioStream]:
+    """anyio's streams when anyio is installed (asyncio and trio), else asyncio's own."""
+    if _import_anyio() is not None:
+        return _AnyioStream
+    import asyncio
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise MZConnectorError(
-                "connect_async runs on asyncio; for other event loops (trio) install anyio"
-            ) from None
     try:
-        if anyio is None:
-            return await _AsyncioStream.open(host, port, context, timeout)
-        return await _AnyioStream.open(anyio, host, port, context, timeout)
-    except TimeoutError:
-        raise ConnectError(f"cannot connect to {where}: no answer within {timeout} s") from None
-    except ssl.SSLError as exc:
-        raise ConnectError(_describe_tls_error(exc, where)) from exc
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {where}: {exc.strerror or exc} (is the server running?)"
-        ) from exc
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise MZConnectorError(
+            "connect_async runs on asyncio; for other event loops (trio) install anyio"
+        ) from None
+    return _AsyncioStream
 
 
 async def connect_async(
@@ -2370,6 +2731,7 @@ async def connect_async(
     certfile: str | None = None,
     keyfile: str | None = None,
     batch_size: int = 8192,
+    max_buffered: int = 1_000_000,
 ) -> AsyncConnection:
     """Connect to a connector server from async code and return the open ``AsyncConnection``::
 
@@ -2379,76 +2741,74 @@ async def connect_async(
             print(await conn.receive(), await conn.mim())
 
     Works under asyncio (anyio optional) and, with anyio installed, under trio. The arguments
-    are those of ``connect()``. ``timeout`` bounds the connect and the handshake, and is the
-    longest ``flush``, ``mim`` and ``aclose`` wait for the server; to bound anything else, use
-    your event loop's own (``asyncio.timeout``, ``anyio.fail_after``, ``trio.move_on_after``).
+    are those of ``connect()``, but for ``linger``: the async client runs no task in the
+    background, so its ``submit`` only buffers until the next awaited call (see
+    ``AsyncConnection``). ``timeout`` bounds the connect and the handshake, and is the default
+    timeout of ``flush``, ``mim`` and ``aclose``.
     """
-    where = f"{host}:{port}"
-    context = _tls_context(tls, cafile, certfile, keyfile) if tls else None
-    stream = await _open_async_stream(host, port, context, timeout)
-    protocol = Protocol(Role.CLIENT)
-    hello = Hello(
-        PROTOCOL_VERSION,
+    context = _tls_context(tls, cafile, certfile, keyfile)
+    handshake = _Handshake(
+        host,
+        port,
+        timeout=timeout,
         name=name,
-        metadata=dict(metadata or {}),
-        client=f"mzconnector {__version__} async (Python {sys.version.split()[0]})",
+        metadata=metadata,
+        client=f"mzconnector {__version__} async",
+        tls=context is not None,
+        cert_given=bool(certfile),
     )
+    kind = _async_stream_kind()
+    stream = None
 
-    gone = _handshake_hint(context is not None, bool(certfile))
+    async def open_and_greet() -> Welcome:
+        nonlocal stream
+        stream = await kind.open(host, port, context)
+        handshake.opened()
+        await stream.send_all(handshake.hello)
+        while (welcome := handshake.receive(await stream.receive())) is None:
+            pass
+        return welcome
 
-    def lost(exc: OSError) -> ConnectError:
-        return ConnectError(f"{where} dropped the connection during the handshake {gone}: {exc}")
-
-    async def handshake() -> Welcome:
-        try:
-            await stream.send_all(protocol.send(hello))
-        except OSError as exc:
-            raise lost(exc) from exc
-        while True:
-            try:
-                event = protocol.next_event()
-            except RemoteProtocolError as exc:
-                raise ConnectError(f"{where} is not an mzconnector server ({exc})") from exc
-            if event is not NEED_DATA:
-                return _welcome_or_raise(event, where, gone)
-            try:
-                data = await stream.receive()
-            except ssl.SSLError as exc:
-                raise ConnectError(_describe_tls_error(exc, where)) from exc
-            except OSError as exc:
-                raise lost(exc) from exc
-            protocol.receive_data(data)
-
-    opened = False
     try:
-        try:
-            welcome = await stream.with_timeout(timeout, handshake)
-        except TimeoutError:
-            raise ConnectError(
-                f"no answer from {where} within {timeout} s (is it a TLS server? try tls=True)"
-            ) from None
-        connection = AsyncConnection(
-            stream, protocol, welcome, timeout=timeout, batch_size=batch_size
+        with handshake.errors():
+            welcome = await kind.with_timeout(timeout, open_and_greet)
+        return AsyncConnection(
+            stream,
+            handshake.protocol,
+            welcome,
+            timeout=timeout,
+            batch_size=batch_size,
+            max_buffered=max_buffered,
         )
-        opened = True
-    finally:
-        if not opened:
+    except BaseException:
+        if stream is not None:
             await stream.aclose()
-    return connection
+        raise
 
 
 class AsyncConnection(_ClientBase):
     """An async connection to a connector server. Make one with ``await connect_async()``; use
     it in an ``async with`` (or ``await conn.aclose()``).
 
-    The surface of ``Connection``, with ``await`` wherever it may wait. ``submit`` only buffers;
-    the buffer is sent by the next ``submit_many``, ``flush``, ``receive``, ``receive_many``,
-    ``mim`` or ``aclose``. Nothing runs in the background: records the workflow sends are read
-    while one of those is awaited, so read results after a push (``receive``, ``async for``).
-    A server drops what a client leaves unread for its ``delivery_timeout`` (5 s by default).
+    The surface of ``Connection``, with ``await`` wherever it may wait, and the same arguments
+    where they mean the same: ``receive(timeout=)`` raises ``Timeout`` and the connection stays
+    usable; ``flush(timeout=)`` and ``mim(timeout=)`` raise ``ConnectionLost`` (None: the
+    connect ``timeout``). Where it differs, and why:
 
-    API modules (``conn.api``) get the async methods as ``receive``, ``flush``, ``mim`` and
-    ``submit_many``: functions that call them must ``await`` them.
+    - Nothing runs in the background (no task outlives the call that awaits it): records the
+      workflow sends are read while a call is awaited, so read results after a push
+      (``receive``, ``receive_many``, ``records``, ``async for``). A server drops what a client
+      leaves unread for its ``delivery_timeout`` (5 s by default).
+    - So ``submit`` only buffers, and there is no ``linger``: the buffer is sent by the next
+      awaited call (``submit_many``, ``flush``, ``receive``, ``receive_many``, ``mim``,
+      ``aclose``). ``receive_many(timeout=None)`` waits for the first record by default,
+      where the blocking client returns what its background reader buffered (``timeout=0``).
+    - ``max_buffered`` bounds the records read while a send is under way; a call that waits
+      for the server reads on regardless.
+
+    API modules (``conn.api``) get the coroutine functions as ``receive``, ``flush``, ``mim``
+    and ``submit_many``: a function that returns what they return is awaited
+    (``await conn.api.round_trip(...)``).
     """
 
     def __init__(
@@ -2459,13 +2819,16 @@ class AsyncConnection(_ClientBase):
         *,
         timeout: float,
         batch_size: int,
+        max_buffered: int,
     ) -> None:
         super().__init__(protocol, welcome, timeout=timeout)
         self._stream = stream
         self._batch_size = max(1, batch_size)
+        self._max_buffered = max_buffered
         self._send_lock = stream.lock()
         self._read_lock = stream.lock()
         self._load_api(welcome.api)
+        self._handle()
 
     # -- context manager, iteration and state -----------------------------------------------
     async def __aenter__(self) -> AsyncConnection:
@@ -2488,9 +2851,10 @@ class AsyncConnection(_ClientBase):
         """Raise what the server told us since the last call."""
         if self._errors:
             errors, self._errors = self._errors, []
-            raise RecordRefused(errors)
+            omitted, self._omitted = self._omitted, 0
+            raise RecordRefused(errors, omitted)
         if self._closed is not None:
-            raise ConnectionClosed(self._closed, self._unacknowledged())
+            raise self._closed_error()
 
     def _unacknowledged(self) -> list[Any]:
         return self._ledger.unacknowledged() + self._buf
@@ -2526,13 +2890,24 @@ class AsyncConnection(_ClientBase):
                 bar.close()
         return count
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         """Send everything submitted and return once the server has taken all of it. Raises
-        ``RecordRefused`` if it refused any, ``Timeout`` after ``timeout`` seconds."""
+        ``RecordRefused`` if it refused any, and ``ConnectionLost`` (the connection is given
+        up) when the server does not take it within ``timeout`` seconds (None: the connect
+        ``timeout``)."""
         self._check()
-        await self._send(Flush())
-        target = self._ledger.sent
-        await self._wait(lambda: self._acked >= target or bool(self._errors), "flush")
+        limit = self.timeout if timeout is None else timeout
+
+        async def flushed() -> None:
+            await self._send(Flush())
+            target = self._ledger.sent
+            await self._until(lambda: self._acked >= target or bool(self._errors))
+
+        await self._within(
+            limit,
+            flushed,
+            lambda: self._give_up(f"flush: no answer from the server within {limit} s"),
+        )
         self._check()
 
     async def _send(self, message: Message | None = None) -> None:
@@ -2540,18 +2915,19 @@ class AsyncConnection(_ClientBase):
         async with self._send_lock:
             while self._buf:
                 chunk = self._buf[: self._batch_size]
-                del self._buf[: len(chunk)]
                 frames, errors = self._ledger.frames(chunk)
+                del self._buf[: len(chunk)]
                 self._errors.extend(errors)
                 if not frames:
                     continue
+                self._protocol.send_records(frames)
                 await self._send_data(frames[0] if len(frames) == 1 else b"".join(frames))
             if message is not None:
                 await self._send_data(self._protocol.send(message))
 
     async def _send_data(self, data: bytes | bytearray) -> None:
         if self._closed is not None:
-            raise ConnectionClosed(self._closed, self._unacknowledged())
+            raise self._closed_error()
         sent = False
         try:
             await self._stream.send_reading(data, self._read_while_sending)
@@ -2564,24 +2940,50 @@ class AsyncConnection(_ClientBase):
                 self._mark_closed("a send was cancelled midway; the connection cannot be used")
 
     async def _read_while_sending(self) -> None:
+        """What arrives while a send is under way (so that a workflow that answers every
+        record cannot stall a long push), up to ``max_buffered`` records."""
         async with self._read_lock:
-            while self._closed is None:
+            while self._closed is None and len(self._inbox) < self._max_buffered:
                 await self._pump()
 
     # -- receiving --------------------------------------------------------------------------
-    async def receive(self) -> Any:
+    async def receive(self, timeout: float | None = None) -> Any:
         """The next record the workflow sent to this client (sends buffered submits first).
-        Waits until one arrives: bound it with ``asyncio.timeout``/``anyio.fail_after``."""
+        Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``; the
+        connection stays usable. Raises ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
         if not self._inbox:
             await self._send()
-            await self._wait(lambda: bool(self._inbox), "receive")
+            await self._within(
+                timeout,
+                lambda: self._until(lambda: bool(self._inbox or self._errors)),
+                lambda: Timeout(f"receive: no record within {timeout} s"),
+            )
+            if self._errors:
+                self._check()
         return self._inbox.popleft()
 
-    async def receive_many(self, max_records: int | None = None) -> list[Any]:
-        """Every record received so far (at most ``max_records``), after waiting for the first."""
+    async def receive_many(
+        self, max_records: int | None = None, timeout: float | None = None
+    ) -> list[Any]:
+        """Every record received so far (at most ``max_records``); if there is none, waits up
+        to ``timeout`` seconds (forever if None) for the first. Returns an empty list on
+        timeout. Raises ``RecordRefused`` first if records were refused."""
+        if self._errors:
+            self._check()
+        await self._send()
         if not self._inbox:
-            await self._send()
-            await self._wait(lambda: bool(self._inbox), "receive")
+            try:
+                await self._within(
+                    timeout,
+                    lambda: self._until(lambda: bool(self._inbox or self._errors)),
+                    Timeout,
+                )
+            except Timeout:
+                return []
+            if self._errors:
+                self._check()
         inbox = self._inbox
         if max_records is None or max_records >= len(inbox):
             out = list(inbox)
@@ -2590,47 +2992,74 @@ class AsyncConnection(_ClientBase):
             out = [inbox.popleft() for _ in range(max_records)]
         return out
 
-    async def mim(self) -> MimValues:
-        """The workflow's MIM values now: built-in counters and assigned values."""
+    async def records(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Records as they arrive; ends when none arrives within ``timeout`` (never, if None)
+        or when the connection closes."""
+        while True:
+            try:
+                record = await self.receive(timeout)
+            except (Timeout, ConnectionClosed):
+                return
+            yield record
+
+    async def mim(self, timeout: float | None = None) -> MimValues:
+        """The workflow's MIM values now: built-in counters and assigned values. Raises
+        ``ConnectionLost`` when the server does not answer within ``timeout`` seconds (None:
+        the connect ``timeout``)."""
         self._check()
-        await self._send(GetMim())
-        await self._wait(lambda: bool(self._mim_replies), "mim")
+        limit = self.timeout if timeout is None else timeout
+
+        async def answered() -> None:
+            await self._send(GetMim())
+            await self._until(lambda: bool(self._mim_replies))
+
+        await self._within(
+            limit,
+            answered,
+            lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
+        )
+        if not self._mim_replies:  # closed, with refusals to report first
+            self._check()
         return MimValues(self._mim_replies.popleft())
 
-    async def _wait(self, ready: Callable[[], bool], what: str) -> None:
-        """Read until ``ready()``; at most ``timeout`` s, except for ``receive``."""
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        """Read and handle what arrives, one reader at a time, until ``ready()``. Raises
+        ``ConnectionClosed`` once the connection is gone."""
+        while not ready():
+            if self._closed is not None:
+                if self._errors:  # raised first, by the caller
+                    return
+                raise self._closed_error()
+            async with self._read_lock:
+                if not ready() and self._closed is None:
+                    await self._pump()
 
-        async def wait() -> None:
-            while not ready():
-                if self._closed is not None:
-                    if what == "flush" and self._errors:
-                        return
-                    raise ConnectionClosed(self._closed, self._unacknowledged())
-                async with self._read_lock:
-                    if not ready() and self._closed is None:
-                        await self._pump()
-
-        if what == "receive":
-            await wait()
+    async def _within(
+        self,
+        timeout: float | None,
+        function: Callable[[], Awaitable[None]],
+        expired: Callable[[], MZConnectorError],
+    ) -> None:
+        """``await function()``; after ``timeout`` seconds (None: no limit) it is cancelled,
+        by the event loop's own timeout, and ``expired()`` is raised."""
+        if timeout is None:
+            await function()
             return
         try:
-            await self._stream.with_timeout(self.timeout, wait)
-        except TimeoutError:
-            self._mark_closed(f"{what}: no answer from the server within {self.timeout} s")
-            raise ConnectionLost(self._closed or "", self._unacknowledged()) from None
+            await self._stream.with_timeout(timeout, function)
+        except TimeoutError as exc:
+            if isinstance(exc, MZConnectorError):  # ours (a Timeout is a TimeoutError)
+                raise
+            raise expired() from None
 
     async def _pump(self) -> None:
         """Read once and handle what arrived. The caller holds ``_read_lock``."""
         try:
             data = await self._stream.receive()
-            self._protocol.receive_data(data)
-            for event in self._protocol.events():
-                if self._on_event(event):
-                    return
-        except ProtocolError as exc:
-            self._mark_closed(f"protocol error: {exc}")
         except OSError as exc:
             self._mark_closed(f"connection lost: {exc}")
+            return
+        self._handle(data)
 
     def _on_event(self, event: Any) -> bool:
         """Handle one event; True when the connection is over."""
@@ -2640,29 +3069,26 @@ class AsyncConnection(_ClientBase):
         return self._apply(event)
 
     # -- closing ----------------------------------------------------------------------------
-    async def aclose(self) -> None:
-        """Send what is buffered, say goodbye and close. Closes even when cancelled or when
-        the server does not answer within ``timeout`` s. Safe to call twice."""
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
+        (None: the connect ``timeout``) for the server to close its side. Closes even when
+        cancelled. Safe to call twice."""
         try:
             if self._closed is None:
+                limit = self.timeout if timeout is None else timeout
 
                 async def goodbye() -> None:
                     await self._send(Bye("client closed"))
-                    while self._closed is None:
-                        async with self._read_lock:
-                            if self._closed is None:
-                                await self._pump()
+                    await self._until(lambda: self._closed is not None)
 
                 try:
-                    await self._stream.with_timeout(self.timeout, goodbye)
-                except (TimeoutError, ConnectionClosed):
+                    await self._within(
+                        limit,
+                        goodbye,
+                        lambda: self._give_up(f"close: no answer from the server within {limit} s"),
+                    )
+                except ConnectionClosed:
                     pass
         finally:
             self._mark_closed("closed by the client")
             await self._stream.aclose()
-
-
-def _progress_bar(records: Iterable[Any]) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=len(records) if hasattr(records, "__len__") else None, unit="rec")

@@ -23,6 +23,7 @@ import anyio
 import nbformat
 import pandas as pd
 import pytest
+import tomli
 import trustme
 from jupyter_client.manager import KernelManager, start_new_kernel
 from nbclient import NotebookClient
@@ -33,6 +34,10 @@ from tests.conftest import ROOT, ServerProcess
 NOTEBOOKS = ROOT / "notebooks"
 # The command a notebook's first markdown cell names: `python -m mzserver [notebooks/x.toml]`.
 COMMAND = re.compile(r"`python -m mzserver(?: (notebooks/[\w./-]+\.toml))?`")
+# How a notebook finds its server: the variable the tests set, and a default address.
+SERVER_VARIABLE = re.compile(r'os\.environ\.get\("MZCONNECTOR_SERVER", "([\w.]+):(\d+)"\)')
+# What a cell should not show: a count, or a str's repr (a return value that is noise).
+STRAY = re.compile(r"-?\d+|'.*'|\".*\"", re.DOTALL)
 
 
 def kernel_env(server: ServerProcess | None = None) -> dict[str, str]:
@@ -80,6 +85,12 @@ def test_notebook_runs(path: Path, start_server: Callable[..., ServerProcess]) -
             # Without ipywidgets, tqdm.auto warns once and draws a text bar instead.
             text = text.replace("TqdmWarning: IProgress not found", "")
             assert "Warning" not in text, f"a cell warned: {text}"
+            shown = output.get("data", {}).get("text/plain", "")
+            if output.output_type == "execute_result":
+                assert not STRAY.fullmatch(shown), (
+                    f"a cell shows a stray return value, {shown!r} (end it with ';'):\n"
+                    f"{cell.source}"
+                )
 
 
 def test_notebooks_name_their_workflow() -> None:
@@ -93,6 +104,34 @@ def test_notebooks_name_their_workflow() -> None:
             assert "needs nothing running" in first.source, path.name
         for toml in args or []:
             assert (ROOT / toml).is_file(), f"{path.name} names {toml}, which does not exist"
+
+
+def test_notebooks_default_to_their_own_workflows_port() -> None:
+    """A notebook that needs a server reads MZCONNECTOR_SERVER (the tests set it) and defaults
+    to the address its workflow listens on (the one its README names); no two of these
+    workflows need the same port, so a person can run them side by side."""
+    ports: dict[int, str] = {}
+    readme = (NOTEBOOKS / "README.md").read_text().splitlines()
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        book = nbformat.read(path, as_version=4)
+        args = server_args(book)
+        if args is None:
+            continue
+        code = "\n".join(cell.source for cell in book.cells if cell.cell_type == "code")
+        match = SERVER_VARIABLE.search(code)
+        assert match, f"{path.name} does not read MZCONNECTOR_SERVER"
+        toml = ROOT / (args[0] if args else "server/default/echo.toml")
+        connector = tomli.loads(toml.read_text())["connector"]
+        assert (match[1], int(match[2])) == (connector["host"], connector["port"]), path.name
+        address = f"{match[1]}:{match[2]}"
+        assert address in first_markdown(book), path.name
+        assert any(path.name in line and address in line for line in readme), path.name
+        assert connector["port"] not in ports, f"{path.name} and {ports[connector['port']]}"
+        ports[connector["port"]] = path.name
+
+
+def first_markdown(book: Any) -> str:
+    return str(next(cell for cell in book.cells if cell.cell_type == "markdown").source)
 
 
 # -- the client in a real kernel: completion and Ctrl-C ----------------------------------------
