@@ -2424,7 +2424,6 @@ def connect(
 __all__ += ["from_dataframe", "to_dataframe"]
 
 _TYPE_COLUMN = "_type"  # field names never start with "_", so this cannot clash with one
-_AT_CELL = re.compile(r"^(.*) - at `\$\[(\d+)\]\[(\d+)\]([^`]*)`$", re.DOTALL)
 
 
 def _import_pandas() -> Any:
@@ -2513,14 +2512,18 @@ def from_dataframe(df: Any, record_type: type[Any]) -> list[Any]:
     rows = [[tag, *row] for row in zip(*values)] if values else [[tag] for _ in range(length)]
     try:
         return msgspec.convert(rows, list[record_type], strict=False)  # type: ignore[valid-type]
-    except msgspec.ValidationError as exc:
-        match = _AT_CELL.match(str(exc))
-        if match is None:
-            raise ValueError(f"cannot build {name} records: {exc}") from None
-        problem, row, column, inner = match.groups()
-        label = _python_value(df.index[int(row)], pd)
-        field = names[int(column) - 1] if 0 < int(column) <= len(names) else "?"
-        raise ValueError(f"row {label!r}, column {field!r}{inner}: {problem}") from None
+    except msgspec.ValidationError:
+        pass
+    # Find the first cell that does not fit, and say so in our words (msgspec's change).
+    for row, cells in enumerate(zip(*values) if values else []):
+        for field, value in zip(fields, cells):
+            try:
+                msgspec.convert(value, field.type, strict=False)
+            except msgspec.ValidationError:
+                label = _python_value(df.index[row], pd)
+                expected = f"expected {type_name(field.type)}, got {_describe(value)}"
+                raise ValueError(f"row {label!r}, column {field.name!r}: {expected}") from None
+    raise ValueError(f"cannot build {name} records from these rows")
 
 
 def _python_value(value: Any, pd: Any) -> Any:

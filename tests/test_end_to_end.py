@@ -220,6 +220,22 @@ def test_plain_python_objects_arrive_unpickled(start_server: StartServer) -> Non
     assert repr(reading) == "Reading(8, [2, 5])"
 
 
+def test_the_server_describes_the_first_100_refused_records_and_counts_the_rest(
+    echo_server: ServerProcess,
+) -> None:
+    with connect(echo_server) as conn:
+        Sub = conn.udrs.Subscriber
+        conn.submit_many([Sub(msisdn=str(i), balance="bad") for i in range(150)])
+        conn.submit(Sub(msisdn="ok", balance=1))
+        with pytest.raises(mzconnector.RecordRefused) as info:
+            conn.flush()
+        assert len(info.value.errors) == 100
+        assert info.value.omitted == 50
+        assert [e.index for e in info.value.errors] == list(range(100))
+        assert str(info.value).startswith("150 record(s) were refused: record #0 (Subscriber")
+        assert conn.receive(timeout=5) == Sub(msisdn="ok", balance=1)
+
+
 def test_refused_record_raises_at_the_next_call(echo_server: ServerProcess) -> None:
     with connect(echo_server) as conn:
         Sub = conn.udrs.Subscriber
