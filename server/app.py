@@ -22,6 +22,8 @@ import trio
 
 from .config import Config
 from .connector import Connector
+from .errors import ConfigError
+from .kv import KvError, KvStore
 from .mim import AssignedMims, MimTable
 from .routes import RouteTable
 from .workflow import Workflow
@@ -71,9 +73,17 @@ async def serve(
     cancellation (immediate). Reports the ``Server`` through ``task_status``."""
     routes = RouteTable()
     mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
-    connector = Connector(config, routes, mim)
-    workflow = Workflow(config, routes, mim, control=connector)
-    listeners = await connector.open_listeners()
+    try:
+        kv = KvStore(config.codec, config.kv_path)
+    except KvError as exc:
+        raise ConfigError(config.source, "kv.path", str(exc)) from None
+    try:
+        connector = Connector(config, routes, mim, kv)
+        workflow = Workflow(config, routes, mim, connector, kv)
+        listeners = await connector.open_listeners()
+    except BaseException:
+        kv.close()
+        raise
     server = Server(config, mim, [lst.socket.getsockname() for lst in listeners])
     try:
         async with trio.open_nursery() as nursery:
@@ -90,6 +100,7 @@ async def serve(
                 raise
             nursery.cancel_scope.cancel()
     finally:
+        kv.close()
         server._stopped.set()
 
 

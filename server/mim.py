@@ -27,6 +27,7 @@ BUILTIN_MIMS = (
     "Bytes Out",
     "Records Refused",
     "Undeliverable Records",
+    "Unacknowledged Records",
     "Processor Errors",
 )
 
@@ -44,6 +45,7 @@ class Counters:
         "records_in",
         "records_out",
         "records_refused",
+        "unacknowledged",
         "undeliverable",
     )
 
@@ -117,6 +119,7 @@ class MimTable:
             c.bytes_out,
             c.records_refused,
             c.undeliverable,
+            c.unacknowledged,
             c.processor_errors,
         )
         values: dict[str, Any] = dict(zip(BUILTIN_MIMS, builtin, strict=True))

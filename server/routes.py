@@ -23,6 +23,7 @@ class Batch(NamedTuple):
     origin: ConnectionInfo | None  # the connection the records came from
     connection: int | None = None  # with per-connection routing: the connection they are for
     source: str | None = None  # the processor that routed them (None: the connector)
+    query: Any = None  # the QueryCall whose request this is (a batch of that one record)
 
 
 Target = Callable[[Batch], Awaitable[None]]
@@ -61,6 +62,9 @@ class RouteTable:
     def __init__(self) -> None:
         self._targets: dict[str, Target] = {}
         self.in_flight = InFlight()
+        #: Route -> what taps it (objects with ``offer(records)``, which never block): each
+        #: batch on the route is offered to them before its consumer takes it.
+        self.taps: dict[str, list[Any]] = {}
 
     def __contains__(self, route: object) -> bool:
         return route in self._targets
@@ -81,13 +85,17 @@ class RouteTable:
         origin: ConnectionInfo | None = None,
         connection: int | None = None,
         source: str | None = None,
+        query: Any = None,
     ) -> None:
         """Hand a batch to the route's consumer; waits while the consumer is full."""
         try:
             target = self._targets[route]
         except KeyError:
             raise UnknownRoute(route) from None
-        await target(Batch(route, records, origin, connection, source))
+        if self.taps:
+            for tap in self.taps.get(route, ()):
+                tap.offer(records)
+        await target(Batch(route, records, origin, connection, source, query))
 
 
 class OutputRoutes:

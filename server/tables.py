@@ -58,6 +58,9 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     outbox_size: Count = 64
     delivery_timeout: Seconds = 5.0
     shutdown_timeout: Seconds = 10.0
+    # Conversations: internal routes clients may tap; records a subscription holds at most.
+    tap_routes: list[str] = []
+    durable_limit: Count = 100000
     tls: TlsTable = TlsTable()
 
 
@@ -75,6 +78,20 @@ class ProcessorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     routes: list[str]
 
 
+class QueryTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[queries.NAME]``: a query clients ask by name."""
+
+    route: str
+    request: str
+    reply: str
+
+
+class KvTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[kv]``: where the shared key-value maps live ("": in memory)."""
+
+    path: str = ""
+
+
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     workflow: WorkflowTable = WorkflowTable()
     connector: ConnectorTable = ConnectorTable()
@@ -82,6 +99,8 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mim: dict[str, str] = {}
     types: dict[str, dict[str, str]] = {}
     processors: list[ProcessorTable] = []
+    queries: dict[str, QueryTable] = {}
+    kv: KvTable = KvTable()
 
 
 S = TypeVar("S", bound=msgspec.Struct)

@@ -22,7 +22,9 @@ from mzconnector import Namespace
 from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import RouteError
+from .kv import KvMap, KvStore
 from .mim import AssignedMims, MimTable
+from .queries import QueryCall
 from .routes import Batch, RouteTable
 
 log = logging.getLogger("mzserver.workflow")
@@ -42,14 +44,19 @@ class ProcessorContext:
     ``ctx.udrs.<Type>(...)`` builds records of the workflow's declared types.
     With connection control: ``ctx.accept(request)`` / ``ctx.reject(request, reason)``.
     With per-connection routing: ``ctx.set_output_route(connection, type_name, route)``.
+    For a query's request: ``ctx.partial(reply)``, ``ctx.complete(reply)``, ``ctx.empty()``,
+    ``ctx.error(code, template, parameters)``, ``ctx.cancelled`` and ``ctx.query``.
+    ``ctx.kv(name)`` is a shared key-value map.
     """
 
     __slots__ = (
         "_bytes",
         "_control",
         "_full",
+        "_kv",
         "_light",
         "_out",
+        "_query",
         "_routed",
         "_routes",
         "_target",
@@ -70,8 +77,11 @@ class ProcessorContext:
         mim: AssignedMims,
         control: ConnectionControl,
         udrs: Namespace,
+        kv: KvStore,
     ) -> None:
         self._control = control
+        self._kv = kv
+        self._query: QueryCall | None = None
         # Records of declared types are weighed by count alone: light enough.
         self._light = frozenset(udrs[name] for name in udrs)
         self.udrs = udrs
@@ -118,6 +128,49 @@ class ProcessorContext:
         """Send several records on ``route``."""
         for record in records:
             self.route(route, record, connection=connection)
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def query(self) -> QueryCall | None:
+        """The query whose request is being processed (``id``, ``name``, ``connection``), or
+        None for a record that is not a query's request."""
+        return self._query
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the client gave up on the query being answered."""
+        return self._query is not None and self._query.cancelled
+
+    def partial(self, reply: Any) -> None:
+        """Send a reply to the query now; more may follow. A dict is converted to the reply
+        type; a reply that does not match it ends the query with an error (and raises)."""
+        self._answering().partial(reply)
+
+    def complete(self, reply: Any = None) -> None:
+        """End the query, with a last reply (or none)."""
+        self._answering().complete(reply)
+
+    def empty(self) -> None:
+        """End the query with no result."""
+        self._answering().empty()
+
+    def error(self, code: str, template: str, parameters: list[Any] | tuple[Any, ...] = ()) -> None:
+        """End the query with an error: a short ``code``, a message ``template`` with
+        ``{0}``-style placeholders, and its ``parameters``."""
+        self._answering().error(code, template, parameters)
+
+    def _answering(self) -> QueryCall:
+        if self._query is None:
+            raise RuntimeError(
+                f"processor {self.processor!r} is not answering a query: this record is not a "
+                "query's request"
+            )
+        return self._query
+
+    # -- shared maps ----------------------------------------------------------------------
+    def kv(self, name: str) -> KvMap:
+        """The shared key-value map ``name`` (the one clients reach with ``conn.kv(name)``)."""
+        return self._kv.map(name)
 
     # -- connections ----------------------------------------------------------------------
     def accept(self, request: ConnectionRequest) -> None:
@@ -173,8 +226,10 @@ class ProcessorRunner:
 
     async def accept(self, batch: Batch) -> None:
         """The route's target: process now if idle, else queue (waiting while the inbox is
-        full: backpressure to the sender)."""
-        if self._queued == 0:
+        full: backpressure to the sender). A query's request always goes to the processor's
+        own task: its answer may take long, and the sender (a client's reader) must not wait
+        for it."""
+        if self._queued == 0 and batch.query is None:
             try:
                 self._lock.acquire_nowait()
             except trio.WouldBlock:
@@ -211,7 +266,9 @@ class ProcessorRunner:
         ctx.route_name = batch.route
         ctx.connection = batch.origin
         ctx._target = batch.connection
-        if self.processor.is_async:
+        if batch.query is not None:
+            await self._answer(batch)
+        elif self.processor.is_async:
             for record in batch.records:
                 try:
                     await function(record, ctx)
@@ -227,6 +284,32 @@ class ProcessorRunner:
                     self._failed(batch, record, exc)
                 if ctx._full:
                     await self._hand_on(batch)
+        await self._hand_on(batch)
+
+    async def _answer(self, batch: Batch) -> None:
+        """A query's request: the processor answers it under the query's cancel scope; one
+        that returns without answering ends it as empty, one that raises ends it with an
+        error."""
+        ctx = self.ctx
+        call = batch.query
+        if call.cancelled:  # the client gave up while the request waited in the inbox
+            return
+        [record] = batch.records
+        ctx._query = call
+        try:
+            with call.scope:
+                if self.processor.is_async:
+                    await self.processor.function(record, ctx)
+                else:
+                    self.processor.function(record, ctx)
+        except Exception as exc:
+            self._failed(batch, record, exc)
+            if not call.done:
+                call.error("processor-error", "the processor failed: {0}", [repr(exc)])
+        finally:
+            ctx._query = None
+        if not call.done:
+            call.empty()
         await self._hand_on(batch)
 
     async def _hand_on(self, batch: Batch) -> None:
@@ -252,7 +335,12 @@ class Workflow:
     """The processors of a workflow, bound to their routes."""
 
     def __init__(
-        self, config: Config, routes: RouteTable, mim: MimTable, control: ConnectionControl
+        self,
+        config: Config,
+        routes: RouteTable,
+        mim: MimTable,
+        control: ConnectionControl,
+        kv: KvStore,
     ) -> None:
         self.config = config
         self.routes = routes
@@ -261,7 +349,7 @@ class Workflow:
         udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
             ctx = ProcessorContext(
-                config.workflow, processor.name, routes, mim.assigned, control, udrs
+                config.workflow, processor.name, routes, mim.assigned, control, udrs, kv
             )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:
