@@ -134,6 +134,8 @@ __protocol__ = [
     "Namespace",
     "Notice",
     "Pickled",
+    "Ping",
+    "Pong",
     "Protocol",
     "Query",
     "QueryFailed",
@@ -349,6 +351,13 @@ class Hello(Message):
     metadata: dict[str, Any] = {}
     client: str = ""
     client_id: str = ""  # names the client across connections (durable subscriptions)
+    token: str = ""  # authentication: never shown (see __repr__)
+    session: str = ""  # names this client's session across reconnections (records numbered in it)
+    keepalive: float = 0.0  # seconds: the client pings an idle link, and answers pings
+
+    def __repr__(self) -> str:
+        fields = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "token")
+        return f"Hello({', '.join(fields)}{', token=<redacted>' if self.token else ''})"
 
 
 class QueryInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -372,20 +381,25 @@ class Welcome(Message):
     queries: dict[str, QueryInfo] = {}
     routes: list[str] = []  # routes a client can subscribe to: the connector's input routes
     taps: list[str] = []  # internal routes a client can tap
+    resumed: int = -1  # records of the client's session the server has taken; -1: unknown
+    keepalive: float = 0.0  # seconds: the server pings an idle link (0: it does not)
 
 
 class Refuse(Message):
     """Server -> client, instead of ``Welcome``: the connection is refused. ``code`` is one of
-    ``"limit"``, ``"rejected"``, ``"protocol"``, ``"shutdown"``."""
+    ``"limit"``, ``"rejected"``, ``"protocol"``, ``"shutdown"``, ``"auth"``."""
 
     code: str
     reason: str
 
 
 class Records(Message):
-    """A batch of records, in either direction."""
+    """A batch of records, in either direction. From a client, ``first`` numbers its first
+    record in the client's session (records are numbered from 1; 0: not numbered), so that a
+    batch resent after a reconnection is taken once."""
 
     items: msgspec.Raw
+    first: int = 0
 
 
 class Flush(Message):
@@ -528,6 +542,18 @@ class Answer(Message):
     value: msgspec.Raw = _NIL
 
 
+class Ping(Message):
+    """Either side: is the link alive? The peer answers ``Pong`` with the same ``id``."""
+
+    id: int
+
+
+class Pong(Message):
+    """Either side: the answer to ``Ping``."""
+
+    id: int
+
+
 class Bye(Message):
     """Either side: the sender is closing the connection."""
 
@@ -568,6 +594,8 @@ _MESSAGES = (
     SubRecords,
     KvRequest,
     Answer,
+    Ping,
+    Pong,
     Bye,
     Error,
 )
@@ -669,6 +697,7 @@ _TRANSITIONS: dict[tuple[Role, State, type], tuple[State, State | None]] = {
         (Role.SERVER, State.OPEN, m): (State.OPEN, None)
         for m in (Records, Ack, Refused, Mim, Notice, QueryReply, QueryFailed, SubRecords, Answer)
     },
+    **{(r, State.OPEN, m): (State.OPEN, None) for r in Role for m in (Ping, Pong)},
     **{(r, State.OPEN, Bye): (State.CLOSED, None) for r in Role},
     **{(r, State.OPEN, Error): (State.CLOSED, State.CLOSED) for r in Role},
 }
