@@ -41,11 +41,13 @@ from .tables import ConfigFile, ConnectorTable, TlsTable, convert_table
 @dataclasses.dataclass(frozen=True)
 class Processor:
     """A processor of the workflow: ``function(record, ctx)`` (sync or async) called with each
-    record arriving on one of ``routes``."""
+    record arriving on one of ``routes``; a batch processor (``batch`` True) is called with
+    each batch, a list of records, and with ``batch = "frame"`` with a pandas DataFrame."""
 
     name: str
     function: Callable[..., Any]
     routes: tuple[str, ...]
+    batch: bool | str = False
 
     @property
     def is_async(self) -> bool:
@@ -187,10 +189,12 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
             if i in given
             else load_entry(p.entry, base_dir, source, f"processors[{i}].entry"),
             routes=tuple(p.routes),
+            batch=p.batch,
         )
         for i, p in enumerate(raw.processors)
     )
     _check_routes(connector, processors, source)
+    _check_batch_processors(connector, processors, raw, source)
     queries = _queries(raw, codec, processors, source)
     ssl_context = _ssl_context(connector.tls, base_dir, source)
 
@@ -282,6 +286,51 @@ def _check_routes(
                 f"connector.output_routes.{type_name}",
                 f"nothing consumes route {route!r} (list it in a processor's routes or in "
                 "connector.input_routes)",
+            )
+
+
+def _check_batch_processors(
+    connector: ConnectorTable, processors: tuple[Processor, ...], raw: ConfigFile, source: str
+) -> None:
+    """A batch processor answers no query (a query's request is one record, answered as it
+    is processed); a frame processor takes records only (no bytes, no connection requests),
+    and needs pandas on the server."""
+    consumer = {route: (i, p) for i, p in enumerate(processors) for route in p.routes}
+    for name, table in raw.queries.items():
+        i, processor = consumer.get(table.route, (None, None))
+        if processor is not None and processor.batch:
+            raise ConfigError(
+                source,
+                f"queries.{name}.route",
+                f"route {table.route!r} is consumed by batch processor {processor.name!r}; a "
+                "query needs an ordinary processor",
+            )
+    frames = {route: (i, p) for route, (i, p) in consumer.items() if p.batch == "frame"}
+    if not frames:
+        return
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        i = next(iter(frames.values()))[0]
+        raise ConfigError(
+            source,
+            f"processors[{i}].batch",
+            '"frame" needs pandas on the server (pip install pandas)',
+        ) from None
+    for route, (i, processor) in frames.items():
+        if connector.connection_control and route == connector.connection_request_route:
+            raise ConfigError(
+                source,
+                f"processors[{i}].batch",
+                f"processor {processor.name!r} takes DataFrames of records; connection "
+                f"requests arrive on route {route!r}",
+            )
+        if connector.output_routes.get("bytes") == route:
+            raise ConfigError(
+                source,
+                f"processors[{i}].batch",
+                f"processor {processor.name!r} takes DataFrames of records; bytes from clients "
+                f"arrive on route {route!r}",
             )
 
 

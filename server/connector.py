@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from mzconnector import (
+    ColumnBatch,
     LocalProtocolError,
     Pickled,
     Records,
@@ -210,15 +211,19 @@ class Connector:
         timed out, records for it are counted undeliverable at once until it reads."""
         route = batch.route
         target = batch.connection
+        records = batch.records
+        columnar = type(records) is ColumnBatch  # clients get it a column at a time
         if target is None and self.settings.per_connection_routing and batch.origin is not None:
             target = batch.origin.id
         if target is None:
-            subscribed = self.hub.deliver(route, batch.records)
+            subscribed = False
+            if not columnar or self.hub.listens(route):  # subscriptions match records
+                subscribed = self.hub.deliver(route, list(records) if columnar else records)
             targets = [c for c in self.connections.values() if not c.subscribes(route)]
         else:
             conn = self.connections.get(target)
             if conn is not None and conn.subscribes(route):
-                conn.offer(route, batch.records)
+                conn.offer(route, list(records))
                 return
             subscribed = False
             targets = [conn] if conn is not None else []
@@ -233,15 +238,11 @@ class Connector:
                     whom,
                 )
             return
-        items, payload = self._wire_items(batch)
-        for chunk in _delivery_chunks(items, payload):
-            frames, kept = self._encode(chunk, batch)
-            count = len(kept)
-            if not count:
-                continue
+        deliveries = self._column_frames(records, route) if columnar else self._record_frames(batch)
+        for frames, count in deliveries:
             waiting: list[tuple[ServerConnection, Waiting]] = []
             for conn in targets:
-                left = conn.outbox.put_records_nowait(frames, count)
+                left = conn.outbox.put_records_nowait(frames, count, columns=columnar)
                 if left is not None:
                     waiting.append((conn, left))
             if len(waiting) == 1:
@@ -251,6 +252,25 @@ class Connector:
                 async with trio.open_nursery() as nursery:
                     for conn, left in waiting:
                         nursery.start_soon(conn.outbox.put_records_when_room, left)
+
+    def _record_frames(self, batch: Batch) -> Iterator[tuple[list[bytearray], int]]:
+        """The ``Records`` frames of a routed batch, in outbox items of bounded size."""
+        items, payload = self._wire_items(batch)
+        for chunk in _delivery_chunks(items, payload):
+            frames, kept = self._encode(chunk, batch)
+            if kept:
+                yield frames, len(kept)
+
+    def _column_frames(self, batch: ColumnBatch, route: str) -> list[tuple[list[bytearray], int]]:
+        """The ``Columns`` frames of a column batch, one outbox item each (a batch is at most
+        ``FRAME_BATCH_BYTES`` when a processor routes a frame, a client's frame when one
+        sends it). A row too large for a frame is undeliverable."""
+        try:
+            return [([frame], rows) for frame, rows in batch.frames(self.settings.max_frame_size)]
+        except LocalProtocolError as exc:
+            self.mim.counters.undeliverable += len(batch)
+            log.error("%d row(s) on route %r are undeliverable: %s", len(batch), route, exc)
+            return []
 
     def wire(self, records: list[Any], route: str) -> list[tuple[msgspec.Raw, list[Any]]]:
         """Records as they travel to a subscription: encoded lists of items, each fitting in a

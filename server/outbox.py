@@ -87,12 +87,18 @@ class Outbox:
         self._unsent += 1
         self._send.send_nowait((data, 0))
 
-    def put_records_nowait(self, frames: list[bytearray], count: int) -> Waiting | None:
-        """Queue records without waiting. Returns None when they are dealt with (queued,
-        sent, or counted undeliverable), or, if the outbox is full and the client may still
-        read in time, what to pass to ``put_records_when_room``."""
+    def put_records_nowait(
+        self, frames: list[bytearray], count: int, *, columns: bool = False
+    ) -> Waiting | None:
+        """Queue records (``Records`` frames; ``Columns`` frames with ``columns``) without
+        waiting. Returns None when they are dealt with (queued, sent, or counted
+        undeliverable), or, if the outbox is full and the client may still read in time, what
+        to pass to ``put_records_when_room``."""
         try:
-            frames = self._protocol.send_records(frames)
+            if columns:
+                frames = self._protocol.send_columns(frames)
+            else:
+                frames = self._protocol.send_records(frames)
         except LocalProtocolError:
             self._undeliverable(count, "the connection is closing")
             return None

@@ -14,12 +14,14 @@ from typing import Any, NamedTuple
 
 import trio
 
+from mzconnector import ColumnBatch
+
 from .connections import ConnectionInfo
 
 
 class Batch(NamedTuple):
     route: str
-    records: list[Any]
+    records: list[Any] | ColumnBatch  # a ColumnBatch: rows of one type, a column at a time
     origin: ConnectionInfo | None  # the connection the records came from
     connection: int | None = None  # with per-connection routing: the connection they are for
     source: str | None = None  # the processor that routed them (None: the connector)
@@ -81,7 +83,7 @@ class RouteTable:
     async def send(
         self,
         route: str,
-        records: list[Any],
+        records: list[Any] | ColumnBatch,
         origin: ConnectionInfo | None = None,
         connection: int | None = None,
         source: str | None = None,

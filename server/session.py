@@ -24,7 +24,10 @@ from mzconnector import (
     Bye,
     CancelQuery,
     Closed,
+    ColumnBatch,
+    Columns,
     Error,
+    FieldMismatch,
     Flush,
     GetMim,
     Hello,
@@ -502,6 +505,8 @@ class ServerConnection:
         """Handle one event; why the client is done, or None."""
         if isinstance(event, Records):
             await self._take(event.items)
+        elif isinstance(event, Columns):
+            await self._take_columns(event)
         elif isinstance(event, Flush):
             self._acked = self._taken
             await self.outbox.put_message(Ack(self._taken))
@@ -556,6 +561,45 @@ class ServerConnection:
         if refused:
             counters.records_refused += refused
             log.warning("%s: refused %d record(s); first: %s", self.name, refused, errors[0])
+            await self.outbox.put_message(Refused(errors, refused - len(errors)))
+        if self._taken - self._acked >= ACK_EVERY:
+            self._acked = self._taken
+            await self.outbox.put_message(Ack(self._taken))
+
+    async def _take_columns(self, event: Columns) -> None:
+        """A column batch, checked against its declared type, goes to its route whole (a
+        batch processor takes it as it is; an ordinary one makes records of it). Bad rows are
+        refused as bad records are, and the others are taken, as records."""
+        connector = self.connector
+        rows = event.rows
+        errors: list[RecordError] = []
+        refused = 0
+        items: ColumnBatch | list[Any] = []
+        try:
+            batch, bad = ColumnBatch.decode(event, connector.config.codec.types, connector.accepted)
+        except FieldMismatch as exc:  # no row can be taken: the first describes them all
+            refused = rows
+            if rows:
+                errors.append(RecordError(self._taken, exc.type, exc.field, exc.problem))
+        else:
+            items = batch
+            if bad:
+                refused = len(bad)
+                name = batch.type_name
+                errors = [
+                    RecordError(self._taken + row, name, field or None, problem)
+                    for row, field, problem in bad[:REFUSALS_DESCRIBED]
+                ]
+                items = batch.records(skip=[row for row, _, _ in bad])
+        counters = self.counters
+        counters.records_in += rows - refused
+        self._taken += rows
+        if rows - refused:
+            route = self.output_routes.single or self.output_routes.by_type[batch.record_type]
+            await connector.routes.send(route, items, self.info)
+        if refused:
+            counters.records_refused += refused
+            log.warning("%s: refused %d row(s); first: %s", self.name, refused, errors[0])
             await self.outbox.put_message(Refused(errors, refused - len(errors)))
         if self._taken - self._acked >= ACK_EVERY:
             self._acked = self._taken

@@ -472,6 +472,10 @@ class SubscriptionHub:
             if not subs:
                 (self.taps if sub.tap else self.by_route).pop(sub.route, None)
 
+    def listens(self, route: str) -> bool:
+        """Whether any subscription or durable is on an input route."""
+        return route in self.durables_by_route or route in self.by_route
+
     def deliver(self, route: str, records: list[Any]) -> bool:
         """Records the workflow routed to every client, on an input route; whether any
         subscription or durable is on the route."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgspec
 import msgspec.inspect as mi
@@ -76,6 +76,9 @@ class ProcessorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
     entry: str
     routes: list[str]
+    # false: function(record, ctx) per record; true: function(records, ctx) per batch, with a
+    # list; "frame": per batch, with a pandas DataFrame.
+    batch: Union[bool, Literal["frame"]] = False
 
 
 class QueryTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -165,6 +168,10 @@ def _expected(info: mi.Type) -> str:
         return "a string"
     if isinstance(info, mi.ListType):
         return f"a list of {_plural(info.item_type)}"
+    if isinstance(info, mi.LiteralType):
+        return " or ".join(f'"{v}"' if isinstance(v, str) else repr(v) for v in info.values)
+    if isinstance(info, mi.UnionType):
+        return ", ".join(_expected(t) for t in info.types[:-1]) + f" or {_expected(info.types[-1])}"
     if isinstance(info, (mi.DictType, mi.StructType)):
         return "a table"
     return "a value of another type"

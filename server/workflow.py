@@ -1,23 +1,35 @@
 """The workflow: processors, each a task that takes batches from its inbox and calls
-``function(record, ctx)`` for every record.
+``function(record, ctx)`` for every record, or a batch processor's ``function(records, ctx)``
+once per batch (with a list, or with a pandas DataFrame for ``batch = "frame"``).
 
 What a processor routes onward (``ctx.route``) is collected during the batch and handed on as
 batches when the batch is done, so the hot path costs one call per record and one ``await``
 per batch and route; a processor that routes much (8,192 records, or about 1 MiB of bytes or
 other objects) hands it on at once, after the record it is processing, so that memory stays
-bounded whatever it fans out. A processor that raises loses nothing silently: the error and
-the record are logged and counted (MIM ``Processor Errors``), and the workflow goes on.
+bounded whatever it fans out; what a batch processor routes in one call is handed on in
+pieces of at most as many records (``ctx.route_frame``: column batches of at most
+``FRAME_BATCH_BYTES``). A processor that raises loses nothing silently: the error and the
+record (for a batch processor: the batch) are logged and counted (MIM ``Processor Errors``),
+and the workflow goes on.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import trio
 
-from mzconnector import Namespace
+from mzconnector import (
+    ColumnBatch,
+    FrameColumns,
+    Namespace,
+    batches_dataframe,
+    frame_columns,
+)
 
 from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
@@ -47,20 +59,25 @@ class ProcessorContext:
     For a query's request: ``ctx.partial(reply)``, ``ctx.complete(reply)``, ``ctx.empty()``,
     ``ctx.error(code, template, parameters)``, ``ctx.cancelled`` and ``ctx.query``.
     ``ctx.kv(name)`` is a shared key-value map.
+    For a batch processor: ``ctx.route_many(route, records)``, ``ctx.route_frame(route, df)``
+    and ``ctx.frame_type`` (the record type of the DataFrame being processed).
     """
 
     __slots__ = (
         "_bytes",
         "_control",
+        "_framed",
         "_full",
         "_kv",
         "_light",
+        "_max_frame_size",
         "_out",
         "_query",
         "_routed",
         "_routes",
         "_target",
         "connection",
+        "frame_type",
         "log",
         "mim",
         "processor",
@@ -78,8 +95,10 @@ class ProcessorContext:
         control: ConnectionControl,
         udrs: Namespace,
         kv: KvStore,
+        max_frame_size: int = 1 << 24,
     ) -> None:
         self._control = control
+        self._max_frame_size = max_frame_size
         self._kv = kv
         self._query: QueryCall | None = None
         # Records of declared types are weighed by count alone: light enough.
@@ -97,6 +116,9 @@ class ProcessorContext:
         self._routed = 0
         self._bytes = 0
         self._full = False  # routed enough to be handed on before the batch ends
+        self._framed: set[tuple[str, int | None]] = set()  # outputs that hold frames
+        #: The record type of the DataFrame a ``batch = "frame"`` processor is called with.
+        self.frame_type: str | None = None
 
     def route(
         self, route: str, record: Any, *, connection: ConnectionInfo | int | None = None
@@ -123,11 +145,68 @@ class ProcessorContext:
             self._full = True
 
     def route_many(
-        self, route: str, records: list[Any], *, connection: ConnectionInfo | int | None = None
+        self, route: str, records: Iterable[Any], *, connection: ConnectionInfo | int | None = None
     ) -> None:
-        """Send several records on ``route``."""
-        for record in records:
-            self.route(route, record, connection=connection)
+        """Send several records on ``route``: as ``route`` each, in one step for records of
+        declared types (what a batch processor routes on)."""
+        records = records if isinstance(records, list) else list(records)
+        if not records:
+            return
+        if not set(map(type, records)) <= self._light:
+            for record in records:
+                self.route(route, record, connection=connection)
+            return
+        self._output(route, connection).extend(records)
+        self._routed += len(records)
+        if self._routed >= HAND_ON_RECORDS:
+            self._full = True
+
+    def route_frame(
+        self,
+        route: str,
+        df: Any,
+        type_name: str | None = None,
+        *,
+        connection: ConnectionInfo | int | None = None,
+    ) -> None:
+        """Send the rows of a pandas DataFrame on ``route`` as records of ``type_name``
+        (default: ``ctx.frame_type``, the type of the DataFrame being processed), without a
+        record per row: checked and converted a column at a time (as ``submit_frame`` does
+        in a notebook) and handed on as column batches. A batch processor on the route gets
+        them as they are; a client receives them column-wise (``receive_frame``); others get
+        records. Raises ``ValueError`` naming the column and row that does not fit."""
+        name = type_name or self.frame_type
+        if name is None:
+            raise TypeError("route_frame needs the record type of the rows: (route, df, 'Type')")
+        if name not in self.udrs:
+            known = ", ".join(self.udrs) or "none"
+            raise LookupError(f"no record type {name!r} in workflow {self.workflow!r} ({known})")
+        prepared = frame_columns(df, self.udrs[name])
+        plan = prepared.plan(self._max_frame_size)
+        if not plan:
+            return
+        key = self._key(route, connection)
+        self._output(route, connection).append(_RoutedFrame(prepared, plan))
+        self._framed.add(key)
+        self._routed += prepared.rows
+        if self._routed >= HAND_ON_RECORDS:
+            self._full = True
+
+    def _key(self, route: str, connection: ConnectionInfo | int | None) -> tuple[str, int | None]:
+        return (route, self._target if connection is None else _id(connection))
+
+    def _output(self, route: str, connection: ConnectionInfo | int | None) -> list[Any]:
+        """What is routed to ``route`` (for ``connection``) in this batch so far."""
+        key = self._key(route, connection)
+        out = self._out.get(key)
+        if out is None:
+            if route not in self._routes:
+                raise RouteError(
+                    f"no route {route!r} in workflow {self.workflow!r} "
+                    f"(routes: {', '.join(self._routes.names)})"
+                )
+            out = self._out[key] = []
+        return out
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -193,11 +272,48 @@ class ProcessorContext:
         """The open connections."""
         return self._control.connections_info()
 
-    def _take_output(self) -> dict[tuple[str, int | None], list[Any]]:
+    def _take_output(self) -> tuple[dict[tuple[str, int | None], list[Any]], set[Any]]:
         out, self._out = self._out, {}
+        framed, self._framed = self._framed, set()
         self._routed = self._bytes = 0
         self._full = False
-        return out
+        return out, framed
+
+
+class _RoutedFrame:
+    """A DataFrame routed with ``route_frame``: converted, and planned into column batches
+    (made one at a time when handed on)."""
+
+    __slots__ = ("plan", "prepared")
+
+    def __init__(self, prepared: FrameColumns, plan: list[tuple[int, int]]) -> None:
+        self.prepared = prepared
+        self.plan = plan
+
+
+def _pieces(items: list[Any]) -> Iterator[list[Any] | ColumnBatch]:
+    """What a processor routed to one route, as batches to hand on, in order: runs of
+    records of at most ``HAND_ON_RECORDS``, and the column batches of routed frames."""
+    run: list[Any] = []
+    for item in items:
+        if type(item) is _RoutedFrame:
+            if run:
+                yield from _runs(run)
+                run = []
+            for start, stop in item.plan:
+                yield item.prepared.batch(start, stop)
+        else:
+            run.append(item)
+    if run:
+        yield from _runs(run)
+
+
+def _runs(records: list[Any]) -> Iterator[list[Any]]:
+    if len(records) <= HAND_ON_RECORDS:
+        yield records
+        return
+    for start in range(0, len(records), HAND_ON_RECORDS):
+        yield records[start : start + HAND_ON_RECORDS]
 
 
 def _id(connection: ConnectionInfo | ConnectionRequest | ConnectionEnded | int) -> int:
@@ -268,8 +384,15 @@ class ProcessorRunner:
         ctx._target = batch.connection
         if batch.query is not None:
             await self._answer(batch)
-        elif self.processor.is_async:
-            for record in batch.records:
+            return
+        if self.processor.batch:
+            await self._process_batch(batch)
+            return
+        records = batch.records
+        if type(records) is ColumnBatch:
+            records = records.records()
+        if self.processor.is_async:
+            for record in records:
                 try:
                     await function(record, ctx)
                 except Exception as exc:
@@ -277,7 +400,7 @@ class ProcessorRunner:
                 if ctx._full:
                     await self._hand_on(batch)
         else:
-            for record in batch.records:
+            for record in records:
                 try:
                     function(record, ctx)
                 except Exception as exc:
@@ -285,6 +408,57 @@ class ProcessorRunner:
                 if ctx._full:
                     await self._hand_on(batch)
         await self._hand_on(batch)
+
+    async def _process_batch(self, batch: Batch) -> None:
+        """A batch processor: one call with the batch (a list of records, or for
+        ``batch = "frame"`` a DataFrame of each run of records of one type); an error counts
+        once for the batch."""
+        ctx = self.ctx
+        function = self.processor.function
+        if self.processor.batch == "frame":
+            calls = self._frames(batch)
+        else:
+            records = batch.records
+            calls = [(None, records.records() if type(records) is ColumnBatch else records)]
+        try:
+            for frame_type, argument in calls:
+                ctx.frame_type = frame_type
+                try:
+                    if self.processor.is_async:
+                        await function(argument, ctx)
+                    else:
+                        function(argument, ctx)
+                except Exception as exc:
+                    self._failed_batch(batch, argument, exc)
+        finally:
+            ctx.frame_type = None
+        await self._hand_on(batch)
+
+    def _frames(self, batch: Batch) -> list[tuple[str, Any]]:
+        """A frame processor's calls for a batch: (type name, DataFrame) for a column batch,
+        and for each run of records of one type in a list. Anything that is not a record
+        cannot be in a DataFrame: it is left out, logged and counted as an error."""
+        items = batch.records
+        if type(items) is ColumnBatch:
+            return [(items.type_name, items.dataframe())]
+        calls = []
+        others = 0
+        for kind, group in itertools.groupby(items, type):
+            if kind in self.ctx._light:
+                run = list(group)
+                calls.append((kind.__name__, batches_dataframe([run], kind)))
+            else:
+                others += sum(1 for _ in group)
+        if others:
+            self.counters.processor_errors += 1
+            log.error(
+                "processor %r takes DataFrames of records: %d item(s) on route %r that are not "
+                "records (bytes, other objects) were left out",
+                self.processor.name,
+                others,
+                batch.route,
+            )
+        return calls
 
     async def _answer(self, batch: Batch) -> None:
         """A query's request: the processor answers it under the query's cancel scope; one
@@ -315,8 +489,30 @@ class ProcessorRunner:
     async def _hand_on(self, batch: Batch) -> None:
         """Send on what the processor routed so far."""
         name = self.processor.name
-        for (route, connection), records in self.ctx._take_output().items():
-            await self.routes.send(route, records, batch.origin, connection, name)
+        out, framed = self.ctx._take_output()
+        for key, records in out.items():
+            route, connection = key
+            if key in framed or len(records) > HAND_ON_RECORDS:
+                for piece in _pieces(records):
+                    await self.routes.send(route, piece, batch.origin, connection, name)
+            else:
+                await self.routes.send(route, records, batch.origin, connection, name)
+
+    def _failed_batch(self, batch: Batch, argument: Any, exc: Exception) -> None:
+        self.counters.processor_errors += 1
+        if isinstance(argument, list):
+            shown = f"{len(argument)} record(s), the first: {argument[:3]!r}"
+        else:
+            shown = f"a DataFrame of {len(argument)} row(s):\n{argument.head(5)!r}"
+        log.error(
+            "processor %r failed on a batch from route %r: %s: %s; the batch: %.1000s",
+            self.processor.name,
+            batch.route,
+            type(exc).__name__,
+            exc,
+            shown,
+            exc_info=exc,
+        )
 
     def _failed(self, batch: Batch, record: Any, exc: Exception) -> None:
         self.counters.processor_errors += 1
@@ -349,7 +545,14 @@ class Workflow:
         udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
             ctx = ProcessorContext(
-                config.workflow, processor.name, routes, mim.assigned, control, udrs, kv
+                config.workflow,
+                processor.name,
+                routes,
+                mim.assigned,
+                control,
+                udrs,
+                kv,
+                config.connector.max_frame_size,
             )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:
