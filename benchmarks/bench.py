@@ -9,7 +9,7 @@ runs several times, connector and baseline in turn, and reports the median of th
 ratio connector / baseline. Results go to a table on stdout and to JSON (default
 ``benchmarks/results/latest.json``). See benchmarks/README.md for what each job measures.
 
-Jobs (``--only``): roundtrip, push, pipelined, api, manyclients, tls, bulk, rpc.
+Jobs (``--only``): roundtrip, push, pipelined, api, manyclients, tls, bulk, frames, batch, rpc.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from typing import Any
 
 import msgspec
 import trio
+from flight_server import FlightPeer
+from flight_server import available as flight_available
+from frames_reference import from_dataframe_6f33ee1
 from harness import (
     BENCH,
     HOST,
@@ -53,7 +56,18 @@ from rpc_services import RpcClient, available
 
 import mzconnector
 
-JOBS = ("roundtrip", "push", "pipelined", "api", "manyclients", "tls", "bulk", "rpc")
+JOBS = (
+    "roundtrip",
+    "push",
+    "pipelined",
+    "api",
+    "manyclients",
+    "tls",
+    "bulk",
+    "frames",
+    "batch",
+    "rpc",
+)
 
 PARAMS: dict[str, dict[str, Any]] = {
     "full": {
@@ -72,6 +86,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "rpc_call_n": 2000,
         "rpc_push_n": 10_000,
         "rpc_batch_n": 200_000,
+        "frames_n": 1_000_000,
     },
     "quick": {
         "runs": 3,
@@ -89,6 +104,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "rpc_call_n": 500,
         "rpc_push_n": 2000,
         "rpc_batch_n": 50_000,
+        "frames_n": 1_000_000,
     },
 }
 
@@ -879,6 +895,254 @@ class Bench:
             "cpu": {"connector": meter.as_dict(), "baseline": bmeter.as_dict()},
         }
 
+    # -- 8. DataFrames ---------------------------------------------------------------------------
+    def job_frames(self) -> dict[str, Any]:
+        n, runs, job = self.p["frames_n"], self.p["runs"], "8 DataFrames"
+        frames = _frames(n)
+        why = flight_available()
+        flight_server = flight = None
+        if not why:
+            flight_server = ServerProcess(
+                [sys.executable, str(BENCH / "flight_server.py")], name="flight"
+            )
+            flight = FlightPeer(flight_server.host, flight_server.port)
+        keys = ("framecount", "count", "frameecho")
+        conns = {key: self._connect(f"mz-{key}") for key in keys}
+        rates: dict[str, list[float]] = {}
+        meter = Meter()
+
+        def add(name: str, value: float) -> None:
+            rates.setdefault(name, []).append(value)
+
+        try:
+            for run in range(runs + 1):  # run 0 warms up, on a fifth of the rows
+                for kind, whole in frames.items():
+                    df = whole if run else whole.iloc[: n // 5]
+                    rows = len(df)
+                    results = {}
+                    if flight is not None:
+                        before = flight.count()
+                        t = time.perf_counter()
+                        flight.put(df)
+                        got = flight.count() - before
+                        results["flight"] = rows / (time.perf_counter() - t)
+                        if got != rows:
+                            raise RuntimeError(f"Flight counted {got} of {rows} rows")
+                    with meter.measure(self.server("mz-framecount"), rows, on=bool(run)):
+                        results["frame"] = self._frame_push(conns["framecount"], df)
+                    results["ordinary"] = self._frame_push(conns["count"], df)
+                    results["today"] = self._today_push(conns["count"], df)
+                    results["echo"] = self._frame_echo(conns["frameecho"], df)
+                    if run:
+                        for name, value in results.items():
+                            add(f"{name} {kind}", value)
+        finally:
+            for conn in conns.values():
+                conn.close()
+            if flight is not None:
+                flight.close()
+            if flight_server is not None:
+                flight_server.stop()
+        self.frame_server_ns = meter.server / max(1, meter.ops) * 1e9
+        out_rows = []
+        for kind, label in (("object", "str as Python objects"), ("str", "pandas' str dtype")):
+            frame, ordinary = rates[f"frame {kind}"], rates[f"ordinary {kind}"]
+            if flight is not None:
+                ratio = statistics.median(frame) / statistics.median(rates[f"flight {kind}"])
+                out_rows.append(
+                    row(
+                        job,
+                        f"push rows/s to a batch processor, {label}",
+                        "rec/s",
+                        frame,
+                        rates[f"flight {kind}"],
+                        baseline_name="Arrow Flight do_put",
+                        target=">= 0.5x Flight",
+                        met=ratio >= 0.5,
+                        note="submit_frame + flush + until the count processor (batch = "
+                        '"frame") has counted every row; Flight: Table.from_pandas + do_put '
+                        "to a server process that counts the rows",
+                    )
+                )
+            else:
+                out_rows.append(unavailable(job, f"push vs Flight, {label}", why))
+            ratio = statistics.median(ordinary) / statistics.median(rates[f"today {kind}"])
+            out_rows.append(
+                row(
+                    job,
+                    f"push rows/s to an ordinary processor, {label}",
+                    "rec/s",
+                    ordinary,
+                    rates[f"today {kind}"],
+                    baseline_name="from_dataframe (6f33ee1) + submit_many",
+                    target=">= 5x",
+                    met=ratio >= 5,
+                    note="submit_frame + flush + counted; the reference makes records with "
+                    "from_dataframe as it was before column batches, then submit_many + flush",
+                )
+            )
+            echo = rates[f"echo {kind}"]
+            ratio = statistics.median(echo) / statistics.median(frame)
+            out_rows.append(
+                row(
+                    job,
+                    f"receive_frame rows/s, frame echo, {label}",
+                    "rec/s",
+                    echo,
+                    frame,
+                    baseline_name="the push above",
+                    target=">= 0.5x the push",
+                    met=ratio >= 0.5,
+                    note="submit_frame in a thread while receive_frame takes the rows a "
+                    "batch processor sends back with ctx.route_frame, until all are back",
+                )
+            )
+        return {
+            "rows": out_rows,
+            "rows_per_run": n,
+            "frame_push_server_ns_per_row": self.frame_server_ns,
+            "cpu": {"frame push": meter.as_dict()},
+        }
+
+    def _frame_push(self, conn: mzconnector.Connection, df: Any) -> float:
+        """Rows/s of ``submit_frame`` + ``flush`` until the count processor counted them."""
+        before = self._query(conn)[0]
+        t = time.perf_counter()
+        conn.submit_frame(df, "Rec")
+        conn.flush()
+        after = self._query(conn)[0]
+        elapsed = time.perf_counter() - t
+        if after - before != len(df):
+            raise RuntimeError(f"the processor counted {after - before} of {len(df)} rows")
+        return len(df) / elapsed
+
+    def _today_push(self, conn: mzconnector.Connection, df: Any) -> float:
+        """The same, the way it was done before column batches."""
+        before = self._query(conn)[0]
+        t = time.perf_counter()
+        conn.submit_many(from_dataframe_6f33ee1(df, conn.udrs.Rec))
+        conn.flush()
+        after = self._query(conn)[0]
+        elapsed = time.perf_counter() - t
+        if after - before != len(df):
+            raise RuntimeError(f"the processor counted {after - before} of {len(df)} rows")
+        return len(df) / elapsed
+
+    def _frame_echo(self, conn: mzconnector.Connection, df: Any) -> float:
+        """Rows/s of a DataFrame pushed (in a thread) to a processor that sends it back, and
+        taken with ``receive_frame`` until every row is back."""
+        rows = len(df)
+        failed: list[BaseException] = []
+
+        def push() -> None:
+            try:
+                conn.submit_frame(df, "Rec")
+                conn.flush()
+            except BaseException as exc:
+                failed.append(exc)
+
+        sender = threading.Thread(target=push)
+        got = last = 0
+        t = time.perf_counter()
+        sender.start()
+        while got < rows:
+            part = conn.receive_frame(timeout=60)
+            if part.empty:
+                break
+            got += len(part)
+            last = int(part["i"].iat[-1])
+        elapsed = time.perf_counter() - t
+        sender.join()
+        if failed:
+            raise failed[0]
+        if got != rows or last != int(df["i"].iat[-1]):
+            raise RuntimeError(f"the echo sent back {got} of {rows} rows")
+        return rows / elapsed
+
+    # -- 9. batch processors ---------------------------------------------------------------------
+    def job_batch(self) -> dict[str, Any]:
+        n, runs, job = self.p["push_n"] // 2, self.p["runs"], "9 batch processors"
+        conns = {key: self._connect(f"mz-{key}") for key in ("count", "batchcount")}
+        # Each connection's own record class (udrs are per connection).
+        records = {
+            key: [conn.udrs.Rec(i=i, s="abcdefgh", f=i * 0.5) for i in range(n)]
+            for key, conn in conns.items()
+        }
+        meters = {key: Meter() for key in conns}
+        rates: dict[str, list[float]] = {key: [] for key in conns}
+        try:
+            for run in range(runs + 1):
+                count = n if run else n // 5
+                for key, conn in conns.items():
+                    before = self._query(conn)[0]
+                    with meters[key].measure(self.server(f"mz-{key}"), count, on=bool(run)):
+                        t = time.perf_counter()
+                        conn.submit_many(records[key][:count])
+                        conn.flush()
+                        after = self._query(conn)[0]
+                        elapsed = time.perf_counter() - t
+                    if after - before != count:
+                        raise RuntimeError(f"{key} counted {after - before} of {count}")
+                    if run:
+                        rates[key].append(count / elapsed)
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+        def ns(key: str) -> float:
+            meter = meters[key]
+            return meter.server / max(1, meter.ops) * 1e9
+
+        ordinary, batch = ns("count"), ns("batchcount")
+        frame = getattr(self, "frame_server_ns", None)
+        out = [
+            row(
+                job,
+                "server CPU per record, count as a batch processor (list)",
+                "ns",
+                [batch],
+                [ordinary],
+                better="lower",
+                baseline_name="count, an ordinary processor",
+                target="<= 0.25x",
+                met=batch / ordinary <= 0.25,
+                note="the push of job 2 (records, submit_many + flush) to count.toml and to "
+                "batchcount.toml (batch = true), in turn in each run; server CPU from "
+                "/proc while timed",
+            ),
+            row(
+                job,
+                "push records/s, count as a batch processor",
+                "rec/s",
+                rates["batchcount"],
+                rates["count"],
+                baseline_name="count, an ordinary processor",
+            ),
+        ]
+        if frame is not None:
+            out.append(
+                row(
+                    job,
+                    "server CPU per row, count given DataFrames (frame push of job 8)",
+                    "ns",
+                    [frame],
+                    [ordinary],
+                    better="lower",
+                    baseline_name="count, an ordinary processor",
+                    target="<= 0.25x",
+                    met=frame / ordinary <= 0.25,
+                    note='submit_frame to framecount.toml (batch = "frame"), both string '
+                    "kinds, against records to the ordinary count above",
+                )
+            )
+        else:
+            out.append(unavailable(job, "server CPU per row, frames", "run job frames first"))
+        return {
+            "rows": out,
+            "records_per_run": n,
+            "cpu": {k: m.as_dict() for k, m in meters.items()},
+        }
+
     # -- RPC comparison --------------------------------------------------------------------------
     def job_rpc(self) -> dict[str, Any]:
         rows = []
@@ -974,6 +1238,22 @@ def _workload(conn: Any, n: int) -> tuple[list[Any], list[bytes], list[bytes]]:
     return records, frames, _single_frames(records)
 
 
+def _frames(n: int) -> dict[str, Any]:
+    """The DataFrame of job 8, ``n`` rows of (int, str, float) as ``Rec`` has them, with its
+    strings as Python objects and as pandas' default string dtype (Arrow-backed in pandas 3)."""
+    import numpy as np
+    import pandas as pd
+
+    ints = np.arange(n, dtype=np.int64)
+    strings = [f"{i:08d}" for i in range(n)]  # 8 characters, as job 2's "abcdefgh"
+    # pandas 3's default string dtype is Arrow-backed; pandas 2 has it as StringDtype("pyarrow").
+    arrow = "str" if int(pd.__version__.split(".")[0]) >= 3 else pd.StringDtype("pyarrow")
+    return {
+        "object": pd.DataFrame({"i": ints, "s": pd.Series(strings, dtype=object), "f": ints * 0.5}),
+        "str": pd.DataFrame({"i": ints, "s": pd.Series(strings, dtype=arrow), "f": ints * 0.5}),
+    }
+
+
 def _single_frames(records: list[Any]) -> list[bytes]:
     """The records as the baseline's one-record frames (a ``Records`` message of one record
     each), joined in chunks of ``BATCH`` frames so that both baselines make as many sends."""
@@ -1010,6 +1290,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f} MB/s"
     if unit == "MB":
         return f"{value:.1f} MB"
+    if unit == "ns":
+        return f"{value:,.0f} ns"
     return f"{value:.3g}"
 
 

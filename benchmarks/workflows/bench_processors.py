@@ -1,4 +1,5 @@
-"""Processors of the benchmark workflows (count.toml, echo.toml, conversations.toml).
+"""Processors of the benchmark workflows (count.toml, echo.toml, conversations.toml, and the
+batch processors of framecount.toml, batchcount.toml, frameecho.toml).
 
 They do the least a processor can do, so that the benchmark measures the connector around them.
 """
@@ -26,6 +27,30 @@ def count(record: Any, ctx: Any) -> None:
     else:
         answer = type(record)(i=records, s="count", f=float(payload_bytes))
         ctx.route("back", answer, connection=ctx.connection)
+
+
+def count_batch(batch: list[Any], ctx: Any) -> None:
+    """``count`` as a batch processor: a list of records per call."""
+    global records
+    if len(batch) == 1 and batch[0].i < 0:
+        count(batch[0], ctx)
+    else:
+        records += len(batch)
+
+
+def count_frame(df: Any, ctx: Any) -> None:
+    """``count`` as a batch processor given DataFrames."""
+    global records
+    if len(df) == 1 and df["i"].iat[0] < 0:
+        answer = ctx.udrs.Rec(i=records, s="count", f=float(payload_bytes))
+        ctx.route("back", answer, connection=ctx.connection)
+    else:
+        records += len(df)
+
+
+def echo_frame(df: Any, ctx: Any) -> None:
+    """Send the DataFrame back to the client it came from, a column batch at a time."""
+    ctx.route_frame("back", df, connection=ctx.connection)
 
 
 def echo(record: Any, ctx: Any) -> None:
