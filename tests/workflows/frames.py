@@ -16,7 +16,10 @@ def listed(records: list[Any], ctx: Any) -> None:
         raise ValueError("a record with i == -1")
     ctx.route_many("back", records)
     call = ctx.udrs.Call(
-        processor="items", kind=type(records).__name__, rows=len(records), first=records[0].i,
+        processor="items",
+        kind=type(records).__name__,
+        rows=len(records),
+        first=records[0].i,
         frame_type="",
     )
     ctx.route("back", call)
@@ -27,7 +30,10 @@ def framed(df: Any, ctx: Any) -> None:
         raise ValueError("a row with i == -1")
     ctx.route_frame("back", df)
     call = ctx.udrs.Call(
-        processor="riches", kind=type(df).__name__, rows=len(df), first=int(df["i"].iloc[0]),
+        processor="riches",
+        kind=type(df).__name__,
+        rows=len(df),
+        first=int(df["i"].iloc[0]),
         frame_type=ctx.frame_type,
     )
     ctx.route("back", call)
