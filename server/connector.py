@@ -73,9 +73,7 @@ class Connector:
         self.query_decoders = {
             name: msgspec.msgpack.Decoder(spec.request) for name, spec in config.queries.items()
         }
-        self.hub = SubscriptionHub(
-            codec, mim.counters, limit=settings.durable_limit, taps=routes.taps
-        )
+        self.hub = SubscriptionHub(codec, mim.counters, limit=settings.durable_limit, routes=routes)
         self.record_types = frozenset(codec.types.values())
         self.wire_types = self.record_types | {bytes, Pickled}
         # What the workflow routes to clients is checked against its declared types before a

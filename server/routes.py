@@ -78,6 +78,17 @@ class RouteTable:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
 
+    def add_tap(self, route: str, tap: Any) -> None:
+        """From now on, offer each batch on ``route`` to ``tap`` too."""
+        self.taps.setdefault(route, []).append(tap)
+
+    def remove_tap(self, route: str, tap: Any) -> None:
+        taps = self.taps.get(route, [])
+        if tap in taps:
+            taps.remove(tap)
+        if not taps:
+            self.taps.pop(route, None)
+
     async def send(
         self,
         route: str,
@@ -86,8 +97,11 @@ class RouteTable:
         connection: int | None = None,
         source: str | None = None,
         query: Any = None,
+        raw: Any = None,
     ) -> None:
-        """Hand a batch to the route's consumer; waits while the consumer is full."""
+        """Hand a batch to the route's consumer; waits while the consumer is full. ``raw``,
+        if given, is the records already encoded (an engine that sends them on may reuse
+        it)."""
         try:
             target = self._targets[route]
         except KeyError:

@@ -522,7 +522,7 @@ class ServerConnection:
             if sub is not None:
                 sub.acknowledge(event.seq, event.through)
         elif isinstance(event, KvRequest):
-            await self.outbox.put_message(kv_answer(self.connector.kv, event))
+            await self.outbox.put_message(await kv_answer(self.connector.kv, event))
         elif isinstance(event, (Bye, Closed)):
             return "the client closed the connection"
         elif isinstance(event, Error):
