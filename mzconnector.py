@@ -2166,6 +2166,7 @@ class _ClientBase:
             return self.query(name, request, timeout=timeout)  # type: ignore[attr-defined]
 
         ask.__name__ = ask.__qualname__ = name
+
         def fields(cls: type) -> str:
             described = (f"{f.name}: {type_name(f.type)}" for f in msgspec.structs.fields(cls))
             return ", ".join(described)

@@ -45,10 +45,7 @@ class AsyncioBridge:
             try:
                 loop.run_forever()
             finally:
-                pending = asyncio.all_tasks(loop)
-                for task in pending:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(_cancel_all())
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
@@ -103,6 +100,14 @@ class AsyncioBridge:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"no answer from NATS within {timeout} s") from None
+
+
+async def _cancel_all() -> None:
+    """What is left on the loop when it stops (the NATS client's tasks), cancelled."""
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _call(function: Callable[..., Awaitable[T]], *args: Any) -> T:

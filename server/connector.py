@@ -29,11 +29,11 @@ from mzconnector import (
 
 from .config import Config
 from .connections import ConnectionInfo
+from .engines import Engine
 from .errors import BindError
-from .kv import KvStore
 from .mim import MimTable
 from .outbox import Waiting
-from .routes import Batch, OutputRoutes, RouteTable
+from .routes import Batch, OutputRoutes
 from .session import ServerConnection
 from .subscriptions import SubscriptionHub
 
@@ -52,9 +52,11 @@ _records_frame = msgspec.msgpack.Decoder(Records)
 class Connector:
     """The connector agent: listener, connections, and the consumer of the input routes."""
 
-    def __init__(self, config: Config, routes: RouteTable, mim: MimTable, kv: KvStore) -> None:
+    def __init__(self, config: Config, engine: Engine, mim: MimTable) -> None:
         self.config = config
-        self.kv = kv
+        self.engine = engine
+        self.kv = engine.kv
+        routes = engine.routes
         self.settings = settings = config.connector
         self.routes = routes
         self.mim = mim
@@ -174,16 +176,20 @@ class Connector:
         return f"the connection limit ({self.limit}) is reached"
 
     # -- what the workflow may do with connections (ConnectionControl) ------------------------
-    def decide(self, connection_id: int, accept: bool, reason: str = "") -> None:
+    def decide(self, connection: ConnectionInfo | int, accept: bool, reason: str = "") -> None:
         """Accept or reject a pending connection request."""
+        connection_id = _id(connection)
         conn = self._sessions.get(connection_id)
         if conn is None:
             raise LookupError(f"no connection request {connection_id} is waiting for a decision")
         conn.decide(accept, reason)
 
-    def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None:
+    def set_output_route(
+        self, connection: ConnectionInfo | int, type_name: str, route: str | None
+    ) -> None:
         """Send one connection's records of ``type_name`` on ``route`` from its next records
         on (``None``: back to the configured route)."""
+        connection_id = _id(connection)
         conn = self.connections.get(connection_id)
         if conn is None:
             raise LookupError(f"connection {connection_id} is not open")
@@ -400,6 +406,10 @@ def _delivery_chunks(items: list[Any], payload: int) -> Iterator[list[Any]]:
             start, size = i + 1, 0
     if start < len(items):
         yield items[start:]
+
+
+def _id(connection: ConnectionInfo | int) -> int:
+    return connection if isinstance(connection, int) else connection.id
 
 
 def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
