@@ -303,3 +303,32 @@ def test_queries_maps_and_taps_over_nats(
         cancelled.close()
         events = conn.kv("events")
         wait_for(lambda: events.get("cancel me", "").startswith("cancelled"), "the cancel")
+
+
+def test_connection_control_decided_by_a_worker(
+    nats_server: NatsServer, start_server: StartServer, tmp_path: Path
+) -> None:
+    """Connection requests travel to the worker running the gatekeeper, and its decision (and
+    the end of each connection) comes back to the connector the client is attached to."""
+    from tests.test_connections import write_config
+
+    toml = write_config(tmp_path, control=True, connector="max_connections = 2")
+    toml.write_text(toml.read_text() + f'\n[engine]\nkind = "nats"\nurl = "{nats_server.url}"\n')
+    connector = start_server(str(toml), "--role", "connector")
+    start_server(str(toml), "--role", "worker")
+    with pytest.raises(mzconnector.ConnectionRejected) as rejected:
+        connect(connector, name="mallory", metadata={"token": "guess"})
+    assert rejected.value.reason == "bad token for mallory"
+    with connect(connector, name="alice", metadata={"token": "secret"}) as alice:
+        request = wait_for(lambda: alice.mim()["Last Request"], "the request in the totals")
+        assert request.split("|")[:2] == [str(alice.connection_id), "alice"]
+        alice.submit(alice.udrs.Subscriber(msisdn="x", balance=1))
+        assert alice.receive(timeout=30).msisdn == "x"
+        with (
+            connect(connector, name="bob", metadata={"token": "secret"}),
+            pytest.raises(mzconnector.ConnectionLimitReached),
+        ):
+            connect(connector, name="carol", metadata={"token": "secret"})
+    with connect(connector, name="dave", metadata={"token": "secret"}) as dave:
+        values = wait_for(lambda: (m := dave.mim())["Ended"] == 2 and m, "both ends told")
+        assert values["Last Ended"] in {"alice", "bob"}
