@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -13,7 +14,8 @@ import trio
 
 from .app import serve
 from .config import Config, load_config
-from .errors import ServerError
+from .engines import ROLES
+from .errors import ConfigError, ServerError
 
 DEFAULT_WORKFLOW = "echo.toml"
 
@@ -29,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help='address to bind ("" = all interfaces)')
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--role",
+        default="all",
+        choices=ROLES,
+        help='with [engine] kind = "nats": run only the connector, or only processors',
+    )
+    parser.add_argument(
+        "--processor",
+        action="append",
+        metavar="NAME",
+        help="with --role worker: run this processor (repeat it; default: every one)",
     )
     return parser
 
@@ -49,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
         if changes:
             config = config.replace_connector(**changes)
-        trio.run(_run, config)
+        if args.processor and args.role != "worker":
+            raise ConfigError(config.source, "", "--processor is for --role worker")
+        unknown = sorted(set(args.processor or ()) - {p.name for p in config.processors})
+        if unknown:
+            raise ConfigError(config.source, "processors", f"no processor named {unknown[0]!r}")
+        trio.run(_run, config, args.role, args.processor)
     except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
         return 130
     except BaseException as exc:
@@ -61,14 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, role: str, processors: list[str] | None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, config)
-            print(
-                f"mzserver: workflow {config.workflow!r} listening on {server.host}:{server.port}",
-                flush=True,
+            server = await nursery.start(
+                functools.partial(serve, config, role=role, processors=processors)
             )
+            if role == "worker":
+                names = processors or [p.name for p in config.processors]
+                print(
+                    f"mzserver: workflow {config.workflow!r} worker running {', '.join(names)}",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"mzserver: workflow {config.workflow!r} listening on "
+                    f"{server.host}:{server.port}",
+                    flush=True,
+                )
 
             async def on_signals() -> None:
                 async for signum in signals:

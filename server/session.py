@@ -207,6 +207,7 @@ class ServerConnection:
                 metadata=hello.metadata,
                 tls_subject=_tls_subject(self.stream),
                 connected_at=datetime.datetime.now(datetime.timezone.utc),
+                server=self.connector.engine.instance,
             )
             self.client_id = hello.client_id
             if self.settings.connection_control:
@@ -511,7 +512,7 @@ class ServerConnection:
             self._acked = self._taken
             await self.outbox.put_message(Ack(self._taken))
         elif isinstance(event, GetMim):
-            await self.outbox.put_message(Mim(self.connector.mim.snapshot()))
+            await self.outbox.put_message(Mim(self.connector.engine.mim_snapshot()))
         elif isinstance(event, Query):
             await self._query(event)
         elif isinstance(event, CancelQuery):
@@ -527,7 +528,7 @@ class ServerConnection:
             if sub is not None:
                 sub.acknowledge(event.seq, event.through)
         elif isinstance(event, KvRequest):
-            await self.outbox.put_message(kv_answer(self.connector.kv, event))
+            await self.outbox.put_message(await kv_answer(self.connector.kv, event))
         elif isinstance(event, (Bye, Closed)):
             return "the client closed the connection"
         elif isinstance(event, Error):
@@ -554,7 +555,7 @@ class ServerConnection:
             send = connector.routes.send
             routes = self.output_routes
             if routes.single is not None:
-                await send(routes.single, records, info)
+                await send(routes.single, records, info, raw=None if refused else raw)
             else:
                 for route, group in routes.split(records).items():
                     await send(route, group, info)
