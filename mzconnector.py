@@ -1511,9 +1511,11 @@ def _record_html(self: msgspec.Struct) -> str:
 # little-endian buffers, strings as offsets into UTF-8 data (Arrow's layout, which pandas'
 # Arrow-backed strings already have), anything else (bytes, lists, dicts, nested records, or a
 # column of Python objects) as a msgpack array of values. This was chosen by measurement over
-# Arrow IPC and over msgpack arrays of values for every column (benchmarks/README.md, "The
-# wire format of column batches"): as fast as Arrow IPC where pyarrow is installed, and a
-# receiver without pyarrow, or without numpy, still reads it (more slowly).
+# Arrow IPC and over msgpack arrays of values for every column (benchmarks/wire_formats.py;
+# benchmarks/README.md, "The wire format of column batches"): as fast as Arrow IPC to encode
+# (faster from Python str), slower to decode only by the type check Arrow IPC does not do,
+# about 7x faster than msgpack values; and a receiver without pyarrow, or without numpy,
+# still reads it (more slowly).
 #
 # A receiver checks a batch against the declared type (``ColumnBatch.decode``) and makes
 # records of it (``records``, with the standard library alone) or a pandas DataFrame
