@@ -168,6 +168,7 @@ __protocol__ = [
     "encode_record_frames",
     "frame_columns",
     "parse_type",
+    "recast_columns",
     "type_name",
 ]
 
@@ -850,6 +851,7 @@ class Protocol:
         if type(message) is Records:
             _check_batch(message.items)
         elif type(message) is Columns:
+            recast_columns(message)
             _check_columns(message)
         self._transition(self.peer, type(message), RemoteProtocolError)
         return message
@@ -947,6 +949,29 @@ def _check_batch(items: msgspec.Raw) -> None:
 
 #: Column kinds that travel as fixed-width little-endian buffers, and their widths in bytes.
 _FIXED_KINDS = {"int": 8, "float": 8, "bool": 1, "datetime": 8, "datetime-utc": 8}
+
+
+def _memoryview_decoding_is_sound() -> bool:
+    """Whether msgspec gives a decoded ``memoryview`` its own length. Without the fix of
+    msgspec issue 835 (0.18.6, our lower bound, lacks it; 0.23 has it) a decoded view has the
+    right bytes but the shape of the whole message, so ``len()`` and slices of it are wrong
+    (``nbytes`` is right)."""
+    views = msgspec.msgpack.decode(msgspec.msgpack.encode([b"ab", b"c"]), type=list[memoryview])
+    return len(views[1]) == 1
+
+
+_SOUND_VIEWS = _memoryview_decoding_is_sound()
+
+
+def recast_columns(message: Columns) -> None:
+    """Give the buffers of a decoded ``Columns`` message their own shape (a cast of each
+    view, which costs no copy) where msgspec's decoding does not (``_SOUND_VIEWS``)."""
+    if _SOUND_VIEWS:
+        return
+    for column in message.columns:
+        column.data = column.data.cast("B")
+        column.offsets = column.offsets.cast("B")
+        column.valid = column.valid.cast("B")
 
 
 def _check_columns(message: Columns) -> None:

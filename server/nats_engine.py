@@ -65,6 +65,7 @@ from mzconnector import (
     Pickled,
     QueryFailed,
     QueryReply,
+    recast_columns,
 )
 
 from .bridge import AsyncioBridge
@@ -763,6 +764,7 @@ class NatsEngine:
         """A column batch from a ``Columns`` message, checked against its declared type (it
         was checked when it entered the workflow: a batch that fails now is dropped)."""
         message = _columns.decode(data)
+        recast_columns(message)  # (for older msgspec: see there)
         try:
             batch, bad = ColumnBatch.decode(message, self.config.codec.types)
         except FieldMismatch as exc:

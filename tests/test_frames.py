@@ -465,3 +465,16 @@ def test_the_server_refuses_a_batch_no_row_of_which_fits(server: ServerProcess) 
         assert caught.value.errors[0].field == "f"
         assert len(caught.value.errors) + caught.value.omitted == 3
         assert conn.mim()["Records In"] == 0
+
+
+def test_decoded_buffers_have_their_own_length() -> None:
+    """Whatever msgspec's version (0.18.6 gives decoded memoryviews the whole message's
+    shape), the buffers of a received Columns message are as long as what was sent."""
+    message = columns_message(3, **good_columns(3, b"\x01\x00\x01"))
+    frame = mzconnector.encode_frame(message)
+    decoded = mzconnector._message_decoder.decode(memoryview(frame)[4:])
+    mzconnector.recast_columns(decoded)
+    for sent, got in zip(message.columns, decoded.columns):
+        for part in ("data", "offsets", "valid"):
+            assert len(getattr(got, part)) == len(getattr(sent, part))
+            assert bytes(getattr(got, part)[1:]) == bytes(getattr(sent, part)[1:])
