@@ -2463,6 +2463,11 @@ class _ReadTurn:
         self._wake_w.close()
 
 
+def _release_sockets(transport: Any, turn: _ReadTurn) -> None:
+    transport.close()
+    turn.dispose()
+
+
 class Connection(_ClientBase):
     """A connection to a connector server. Make one with ``connect()``; use it in a ``with``.
 
@@ -2497,11 +2502,14 @@ class Connection(_ClientBase):
         self._linger_armed = threading.Event()
         self._turn = _ReadTurn()
         self._cond = self._turn.cond
+        # A connection dropped without close() (a notebook cell re-run, a lost server never
+        # closed) still gives its sockets back when it is collected, without a ResourceWarning.
+        self._finalizer = weakref.finalize(self, _release_sockets, transport, self._turn)
         try:
             self._load_api(welcome.api)
             self._handle()  # what arrived with the Welcome
         except BaseException:
-            self._turn.dispose()
+            self._finalizer()
             raise
 
         self._reader = threading.Thread(
@@ -2955,8 +2963,7 @@ class Connection(_ClientBase):
                 self._closed = "closed by the client"
         self._mark_closed("closed by the client")
         self._reader.join(self.timeout)
-        self._transport.close()
-        self._turn.dispose()
+        self._finalizer()
 
 
 class Subscription:
