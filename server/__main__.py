@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(args.processor or ()) - {p.name for p in config.processors})
         if unknown:
             raise ConfigError(config.source, "processors", f"no processor named {unknown[0]!r}")
-        trio.run(_run, config, args.role, args.processor)
-    except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
+        return trio.run(_run, config, args.role, args.processor)
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place
         return 130
     except BaseException as exc:
         error = _find(exc, ServerError)
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mzserver: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
-async def _run(config: Config, role: str, processors: list[str] | None) -> None:
+async def _run(config: Config, role: str, processors: list[str] | None) -> int:
+    """Serve until stopped: 0 after a graceful stop, 130 when a second signal cut it short."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
@@ -108,11 +108,13 @@ async def _run(config: Config, role: str, processors: list[str] | None) -> None:
                         )
                         server.stop()
                     else:
-                        nursery.cancel_scope.cancel()
+                        cut_short.cancel()
 
-            nursery.start_soon(on_signals)
-            await server.wait_stopped()
+            with trio.CancelScope() as cut_short:
+                nursery.start_soon(on_signals)
+                await server.wait_stopped()
             nursery.cancel_scope.cancel()
+    return 130 if cut_short.cancelled_caught else 0
 
 
 def _find(exc: BaseException, kind: type[ServerError]) -> ServerError | None:
