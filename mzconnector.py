@@ -158,6 +158,7 @@ __protocol__ = [
     "decode_problem",
     "encode_frame",
     "encode_record_frames",
+    "naive_datetime",
     "parse_type",
     "type_name",
 ]
@@ -1120,6 +1121,31 @@ def build_record_types(
 #: What encoding a value that msgpack cannot hold raises (an int out of range, a lone surrogate,
 #: a datetime out of range in UTC, an object of another type, a cycle).
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def naive_datetime(value: Any) -> str | None:
+    """Where a plain value (a key-value map's) holds a datetime without a timezone (``""``
+    for the value itself, ``[2]``, ``['at']``), or None. msgpack has no naive datetime: it
+    would be stored as a string and read back as one."""
+    if isinstance(value, datetime.datetime):
+        return "" if value.utcoffset() is None else None
+    if isinstance(value, (list, tuple)):
+        parts: Iterable[tuple[str, Any]] = ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        parts = ((f"[{key!r}]", item) for key, item in value.items())
+    else:
+        return None
+    for step, part in parts:
+        path = naive_datetime(part)
+        if path is not None:
+            return step + path
+    return None
+
+
+_NAIVE_DATETIME = (
+    "a datetime without a timezone would come back as a string; give it one "
+    "(tzinfo=datetime.timezone.utc)"
+)
 
 
 def _encode_problem(value: Any) -> tuple[str, str]:
@@ -2265,6 +2291,9 @@ class _ClientBase:
         except _ENCODE_ERRORS:
             path, problem = _encode_problem(value)
             raise KvError(f"cannot store this value{path}: {problem}") from None
+        naive = None if kind else naive_datetime(value)
+        if naive is not None:
+            raise KvError(f"cannot store this value{naive}: {_NAIVE_DATETIME}")
         return KvRequest(
             self._start_request(), name, op, msgspec.Raw(encoded_key), kind, msgspec.Raw(encoded)
         )
@@ -3043,9 +3072,13 @@ class Subscription:
 
     def close(self, timeout: float | None = None) -> None:
         """End the subscription (and any iteration of it). Safe to call twice."""
-        if self._state.closed is None and not self._conn.closed:
+        with self._conn._cond:
+            was_open = self._state.closed is None
+            # Closed before the server is told: a thread that iterates it and reads the socket
+            # meanwhile reads the server's answer, and then sees it closed.
+            self._state.closed = self._state.closed or "closed by the client"
+        if was_open and not self._conn.closed:
             self._control("close", timeout)
-        self._state.closed = self._state.closed or "closed by the client"
         self._conn._subs.pop(self._state.id, None)
         with self._conn._cond:
             self._state.inbox.clear()
@@ -3058,7 +3091,7 @@ class Subscription:
         self.close()
 
     def _control(self, op: str, timeout: float | None) -> None:
-        if self._state.closed is not None:
+        if self._state.closed is not None and op != "close":
             raise SubscriptionError(f"the subscription is closed: {self._state.closed}")
         # A control message carries the subscription's id; its answer comes back under it.
         request = SubscriptionControl(self._state.id, op)
@@ -3072,8 +3105,8 @@ class KvMap:
     ``keys``, and the dict forms (``m[key]``, ``m[key] = v``, ``del m[key]``, ``key in m``,
     ``len(m)``; a missing key is a ``KeyError``). Keys are strings or integers; values are
     declared records or plain values (None, bools, numbers, strings, bytes, lists, dicts,
-    datetimes). Every call asks the server: what another connection or a processor changed
-    is seen at the next call."""
+    datetimes with a timezone). Every call asks the server: what another connection or a
+    processor changed is seen at the next call."""
 
     def __init__(self, conn: Connection, name: str) -> None:
         self._conn = conn
