@@ -128,6 +128,7 @@ __protocol__ = [
     "Flush",
     "GetMim",
     "Hello",
+    "Keepalive",
     "KvRequest",
     "Message",
     "Mim",
@@ -612,19 +613,24 @@ def encode_frame(message: Message) -> bytearray:
     return buf
 
 
-def encode_record_frames(items: list[Any], max_frame_size: int) -> list[bytearray]:
+def encode_record_frames(
+    items: list[Any], max_frame_size: int, first: int = 0
+) -> list[bytearray]:
     """``Records`` frames holding ``items`` (declared records, bytes or ``Pickled``), split so
     that no frame exceeds ``max_frame_size`` nor holds more than ``MAX_BATCH_RECORDS``. A
-    single item too large raises ``LocalProtocolError``."""
+    single item too large raises ``LocalProtocolError``. ``first`` numbers the first item in
+    the client's session (each frame says the number of its own first item); 0: unnumbered."""
     if len(items) > MAX_BATCH_RECORDS:
         return [
             frame
             for start in range(0, len(items), MAX_BATCH_RECORDS)
             for frame in encode_record_frames(
-                items[start : start + MAX_BATCH_RECORDS], max_frame_size
+                items[start : start + MAX_BATCH_RECORDS],
+                max_frame_size,
+                first + start if first else 0,
             )
         ]
-    frame = encode_frame(Records(msgspec.Raw(_encoder.encode(items))))
+    frame = encode_frame(Records(msgspec.Raw(_encoder.encode(items)), first))
     if len(frame) - 4 <= max_frame_size:
         return [frame]
     if len(items) == 1:
@@ -633,8 +639,8 @@ def encode_record_frames(items: list[Any], max_frame_size: int) -> list[bytearra
             f"(the maximum frame size is {max_frame_size} bytes)"
         )
     half = len(items) // 2
-    return encode_record_frames(items[:half], max_frame_size) + encode_record_frames(
-        items[half:], max_frame_size
+    return encode_record_frames(items[:half], max_frame_size, first) + encode_record_frames(
+        items[half:], max_frame_size, first + half if first else 0
     )
 
 
@@ -861,6 +867,46 @@ class Protocol:
             receiver = Role.SERVER if sender is Role.CLIENT else Role.CLIENT
             if states[receiver] is not State.ERROR:
                 states[receiver] = change[1]
+
+
+class Keepalive:
+    """When to ping an idle link and when to give it up, for either side, without I/O: the
+    caller passes the time and sends the ``Ping`` it is handed.
+
+    ``heard()`` says something arrived (a flag: no clock is read on the hot path). At each
+    ``deadline`` the caller calls ``tick(now)``: after traffic it just moves the deadline on;
+    after ``interval`` seconds of silence it returns a ``Ping`` to send; once ``misses`` pings
+    in a row went unanswered, ``dead`` is True. So a silent link is given up between
+    ``misses + 1`` and ``misses + 2`` intervals after the last thing heard.
+    """
+
+    def __init__(self, interval: float, misses: int, now: float) -> None:
+        self.interval = interval
+        self.misses = misses
+        self.deadline = now + interval
+        self.dead = False
+        self.unanswered = 0
+        self._heard = False
+        self._ids = itertools.count(1)
+
+    def heard(self) -> None:
+        self._heard = True
+
+    def tick(self, now: float) -> Ping | None:
+        """The ``Ping`` to send now, if one is due (None otherwise; see ``dead``)."""
+        if self._heard:
+            self._heard = False
+            self.unanswered = 0
+            self.deadline = now + self.interval
+            return None
+        if now < self.deadline or self.dead:
+            return None
+        if self.unanswered >= self.misses:
+            self.dead = True
+            return None
+        self.unanswered += 1
+        self.deadline = now + self.interval
+        return Ping(next(self._ids))
 
 
 def batch_length(items: msgspec.Raw | bytes) -> int:
