@@ -613,9 +613,7 @@ def encode_frame(message: Message) -> bytearray:
     return buf
 
 
-def encode_record_frames(
-    items: list[Any], max_frame_size: int, first: int = 0
-) -> list[bytearray]:
+def encode_record_frames(items: list[Any], max_frame_size: int, first: int = 0) -> list[bytearray]:
     """``Records`` frames holding ``items`` (declared records, bytes or ``Pickled``), split so
     that no frame exceeds ``max_frame_size`` nor holds more than ``MAX_BATCH_RECORDS``. A
     single item too large raises ``LocalProtocolError``. ``first`` numbers the first item in
@@ -2212,6 +2210,7 @@ class _ClientBase:
             return self.query(name, request, timeout=timeout)  # type: ignore[attr-defined]
 
         ask.__name__ = ask.__qualname__ = name
+
         def fields(cls: type) -> str:
             described = (f"{f.name}: {type_name(f.type)}" for f in msgspec.structs.fields(cls))
             return ", ".join(described)

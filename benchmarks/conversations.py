@@ -36,9 +36,10 @@ def timed(function: Any) -> float:
 
 
 def queries(port: int, echo_port: int, n: int, runs: int) -> dict[str, Any]:
-    with mzconnector.connect("127.0.0.1", port) as conn, mzconnector.connect(
-        "127.0.0.1", echo_port
-    ) as echo:
+    with (
+        mzconnector.connect("127.0.0.1", port) as conn,
+        mzconnector.connect("127.0.0.1", echo_port) as echo,
+    ):
         request = conn.udrs.Rec(i=1, s="question", f=1.5)
         record = echo.udrs.Rec(i=1, s="question", f=1.5)
 
@@ -85,9 +86,10 @@ def push_rate(conn: mzconnector.Connection, records: list[Any]) -> float:
 
 
 def tap(port: int, n: int, runs: int) -> dict[str, Any]:
-    with mzconnector.connect("127.0.0.1", port) as pusher, mzconnector.connect(
-        "127.0.0.1", port
-    ) as tapper:
+    with (
+        mzconnector.connect("127.0.0.1", port) as pusher,
+        mzconnector.connect("127.0.0.1", port) as tapper,
+    ):
         records = [pusher.udrs.Rec(i=i, s=f"r{i}", f=i / 2) for i in range(n)]
         push_rate(pusher, records)  # warm up
         cases = {"untapped": None, "tap_every_record": {}, "tap_matching_none": {"i": -1}}

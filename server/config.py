@@ -378,9 +378,7 @@ def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext |
     return context
 
 
-def _authenticator(
-    connector: ConnectorTable, given: bool, source: str
-) -> Authenticator | None:
+def _authenticator(connector: ConnectorTable, given: bool, source: str) -> Authenticator | None:
     """The tokens clients must present: ``[connector.auth]`` when the file has it, else the
     environment variable (if set), else none. No message here ever shows a token."""
     if not given:
@@ -405,7 +403,8 @@ def _authenticator(
         tokens[name] = secret
     if tokens.get("") is not None and tokens[""].digest in owner:
         name = owner[tokens[""].digest]
-        raise ConfigError(source, f"connector.auth.tokens.{name}", "is the same as the shared token")
+        key = f"connector.auth.tokens.{name}"
+        raise ConfigError(source, key, "is the same token as the shared one")
     if not tokens:
         raise ConfigError(
             source,

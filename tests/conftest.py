@@ -83,4 +83,3 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 def echo_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     """The built-in default workflow, started as the README says."""
     return start_server()
-
