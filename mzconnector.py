@@ -3443,7 +3443,7 @@ class Connection(_ClientBase):
         while True:
             link = self._send_message(GetMim(), deadline, waited=limit)
             self._wait(
-                lambda: bool(self._mim_replies) or self._generation != link,
+                lambda link=link: bool(self._mim_replies) or self._generation != link,
                 max(0.0, deadline - time.monotonic()),
                 lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
                 waited=limit,
@@ -4989,7 +4989,9 @@ class AsyncConnection(_ClientBase):
         async def answered() -> None:
             while True:
                 link = await self._send(GetMim())
-                await self._until(lambda: bool(self._mim_replies) or self._generation != link)
+                await self._until(
+                    lambda link=link: bool(self._mim_replies) or self._generation != link
+                )
                 if self._mim_replies or self._errors or self._closed is not None:
                     return
                 # The link was lost before the answer came: ask the new one.
