@@ -3018,6 +3018,11 @@ class _ReadTurn:
         self._wake_w.close()
 
 
+def _release_sockets(link: list[Any], turn: _ReadTurn) -> None:
+    link[0].close()
+    turn.dispose()
+
+
 class Connection(_ClientBase):
     """A connection to a connector server. Make one with ``connect()``; use it in a ``with``.
 
@@ -3072,11 +3077,16 @@ class Connection(_ClientBase):
         self._reconnector: threading.Thread | None = None
         self._stop_reconnecting = threading.Event()  # ends a reconnection's wait (close)
         self._notifier: threading.Thread | None = None
+        # A connection dropped without close() (a notebook cell re-run, a lost server never
+        # closed) still gives its sockets back when it is collected, without a ResourceWarning.
+        # (The link's transport is in a list: a reconnection replaces it.)
+        self._link = [transport]
+        self._finalizer = weakref.finalize(self, _release_sockets, self._link, self._turn)
         try:
             self._load_api(welcome.api)
             self._handle()  # what arrived with the Welcome
         except BaseException:
-            self._turn.dispose()
+            self._finalizer()
             raise
         self._start_threads()
         with self._cond:
@@ -3814,6 +3824,7 @@ class Connection(_ClientBase):
                     transport.close()
                     return
                 old, self._transport, self._protocol = self._transport, transport, protocol
+                self._link[0] = transport
                 frames, messages = self._resume_plan(welcome)
             old.close()
             self._handle()  # what arrived with the Welcome, before anyone reads more
@@ -3904,8 +3915,7 @@ class Connection(_ClientBase):
         if reconnector is not None and reconnector is not threading.current_thread():
             reconnector.join(self.timeout)
         self._reader.join(self.timeout)
-        self._transport.close()
-        self._turn.dispose()
+        self._finalizer()
 
 
 class Subscription:

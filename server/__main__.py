@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -13,7 +14,8 @@ import trio
 
 from .app import serve
 from .config import Config, load_config
-from .errors import ServerError
+from .engines import ROLES
+from .errors import ConfigError, ServerError
 
 DEFAULT_WORKFLOW = "echo.toml"
 
@@ -29,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help='address to bind ("" = all interfaces)')
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--role",
+        default="all",
+        choices=ROLES,
+        help='with [engine] kind = "nats": run only the connector, or only processors',
+    )
+    parser.add_argument(
+        "--processor",
+        action="append",
+        metavar="NAME",
+        help="with --role worker: run this processor (repeat it; default: every one)",
     )
     return parser
 
@@ -49,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
         if changes:
             config = config.replace_connector(**changes)
-        trio.run(_run, config)
-    except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
+        if args.processor and args.role != "worker":
+            raise ConfigError(config.source, "", "--processor is for --role worker")
+        unknown = sorted(set(args.processor or ()) - {p.name for p in config.processors})
+        if unknown:
+            raise ConfigError(config.source, "processors", f"no processor named {unknown[0]!r}")
+        return trio.run(_run, config, args.role, args.processor)
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place
         return 130
     except BaseException as exc:
         error = _find(exc, ServerError)
@@ -58,17 +77,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mzserver: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, role: str, processors: list[str] | None) -> int:
+    """Serve until stopped: 0 after a graceful stop, 130 when a second signal cut it short."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, config)
-            print(
-                f"mzserver: workflow {config.workflow!r} listening on {server.host}:{server.port}",
-                flush=True,
+            server = await nursery.start(
+                functools.partial(serve, config, role=role, processors=processors)
             )
+            if role == "worker":
+                names = processors or [p.name for p in config.processors]
+                print(
+                    f"mzserver: workflow {config.workflow!r} worker running {', '.join(names)}",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"mzserver: workflow {config.workflow!r} listening on "
+                    f"{server.host}:{server.port}",
+                    flush=True,
+                )
 
             async def on_signals() -> None:
                 async for signum in signals:
@@ -79,11 +108,13 @@ async def _run(config: Config) -> None:
                         )
                         server.stop()
                     else:
-                        nursery.cancel_scope.cancel()
+                        cut_short.cancel()
 
-            nursery.start_soon(on_signals)
-            await server.wait_stopped()
+            with trio.CancelScope() as cut_short:
+                nursery.start_soon(on_signals)
+                await server.wait_stopped()
             nursery.cancel_scope.cancel()
+    return 130 if cut_short.cancelled_caught else 0
 
 
 def _find(exc: BaseException, kind: type[ServerError]) -> ServerError | None:

@@ -16,16 +16,15 @@ is not done within ``shutdown_timeout`` is cancelled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import trio
 
 from .config import Config
 from .connector import Connector
-from .errors import ConfigError
-from .kv import KvError, KvStore
+from .engines import Engine, open_engine
 from .mim import AssignedMims, MimTable
-from .routes import RouteTable
 from .workflow import Workflow
 
 log = logging.getLogger("mzserver")
@@ -34,10 +33,14 @@ log = logging.getLogger("mzserver")
 class Server:
     """A running server: where it listens, its MIM values, and ``stop()``."""
 
-    def __init__(self, config: Config, mim: MimTable, addresses: list[Any]) -> None:
+    def __init__(
+        self, config: Config, mim: MimTable, addresses: list[Any], *, role: str = "all"
+    ) -> None:
         self.config = config
         self.mim = mim
         self.addresses = addresses
+        self.role = role
+        self.engine: Engine | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
 
@@ -67,54 +70,64 @@ class Server:
 
 
 async def serve(
-    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    role: str = "all",
+    processors: Collection[str] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the connector and workflow of ``config`` until ``Server.stop()`` (graceful) or
-    cancellation (immediate). Reports the ``Server`` through ``task_status``."""
-    routes = RouteTable()
+    cancellation (immediate). Reports the ``Server`` through ``task_status``.
+
+    ``role`` (with the nats engine): ``"connector"`` runs only the connector, ``"worker"``
+    only the processors named in ``processors`` (None: every one); ``"all"`` runs both.
+    """
     mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
-    try:
-        kv = KvStore(config.codec, config.kv_path)
-    except KvError as exc:
-        raise ConfigError(config.source, "kv.path", str(exc)) from None
-    try:
-        connector = Connector(config, routes, mim, kv)
-        workflow = Workflow(config, routes, mim, connector, kv)
-        listeners = await connector.open_listeners()
-    except BaseException:
-        kv.close()
-        raise
-    server = Server(config, mim, [lst.socket.getsockname() for lst in listeners])
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(workflow.run, name="workflow")
-            await nursery.start(connector.serve, listeners)
-            log.info("workflow %r listening on %s:%d", config.workflow, server.host, server.port)
-            task_status.started(server)
-            try:
-                await server._stop.wait()
-                await _graceful_stop(config, connector, routes)
-            except BaseException:
-                # Cancelled: stop at once, including work shielded for a graceful stop.
-                connector.abort()
-                raise
-            nursery.cancel_scope.cancel()
-    finally:
-        kv.close()
-        server._stopped.set()
+    async with open_engine(config, mim, role) as engine:
+        connector = None if role == "worker" else Connector(config, engine, mim)
+        control = connector if connector is not None else engine.remote_control()
+        only = () if role == "connector" else processors
+        workflow = Workflow(config, engine.routes, mim, control, engine.kv, only=only)
+        listeners = [] if connector is None else await connector.open_listeners()
+        server = Server(config, mim, [lst.socket.getsockname() for lst in listeners], role=role)
+        server.engine = engine
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(workflow.run, name="workflow")
+                await nursery.start(engine.run, connector)
+                if connector is not None:
+                    await nursery.start(connector.serve, listeners)
+                    log.info(
+                        "workflow %r listening on %s:%d", config.workflow, server.host, server.port
+                    )
+                task_status.started(server)
+                try:
+                    await server._stop.wait()
+                    await _graceful_stop(config, connector, engine)
+                except BaseException:
+                    # Cancelled: stop at once, including work shielded for a graceful stop.
+                    if connector is not None:
+                        connector.abort()
+                    raise
+                nursery.cancel_scope.cancel()
+        finally:
+            server._stopped.set()
 
 
-async def _graceful_stop(config: Config, connector: Connector, routes: RouteTable) -> None:
+async def _graceful_stop(config: Config, connector: Connector | None, engine: Engine) -> None:
     timeout = config.connector.shutdown_timeout
     log.info("stopping: no new connections; finishing what was taken (at most %s s)", timeout)
     with trio.move_on_after(timeout) as scope:
-        connector.stop_accepting()
-        connector.stop_reading()
-        await connector.wait_readers_stopped()
-        await routes.in_flight.wait_idle()
-        connector.drained.set()
-        await connector.wait_closed()
+        if connector is not None:
+            connector.stop_accepting()
+            connector.stop_reading()
+            await connector.wait_readers_stopped()
+        await engine.stop_consuming()
+        if connector is not None:
+            connector.drained.set()
+            await connector.wait_closed()
     if scope.cancelled_caught:
         log.warning("graceful stop did not finish within %s s; closing what is left", timeout)
-        connector.abort()
+        if connector is not None:
+            connector.abort()
     log.info("stopped")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import tomli
 
 from mzconnector import (
@@ -37,7 +39,7 @@ from .auth import TOKEN_VARIABLE, Authenticator, Secret
 from .errors import ConfigError
 from .loader import load_entry
 from .mim import BUILTIN_MIMS
-from .tables import ConfigFile, ConnectorTable, TlsTable, convert_table
+from .tables import ConfigFile, ConnectorTable, EngineTable, TlsTable, convert_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Config:
     kv_path: Path | None = None  # None: the key-value maps live in memory
     #: The tokens clients must present (None: no authentication); its repr shows no token.
     auth: Authenticator | None = None
+    engine: EngineTable = dataclasses.field(default_factory=EngineTable)
     #: What the config was built from (the TOML's structure), for ``replace_connector``.
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -199,6 +202,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
     )
     _check_routes(connector, processors, source)
     queries = _queries(raw, codec, processors, source)
+    engine = _engine(raw, source)
     ssl_context = _ssl_context(connector.tls, base_dir, source)
     connector_data = data.get("connector")
     auth_given = isinstance(connector_data, Mapping) and "auth" in connector_data
@@ -225,6 +229,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         queries=queries,
         kv_path=(base_dir / raw.kv.path) if raw.kv.path else None,
         auth=auth,
+        engine=engine,
         data=data,
     )
     _check_welcome_fits(config)
@@ -331,6 +336,37 @@ def _queries(
             name, table.route, codec.types[table.request], codec.types[table.reply]
         )
     return queries
+
+
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def _engine(raw: ConfigFile, source: str) -> EngineTable:
+    engine = raw.engine
+    if engine.kind not in ("local", "nats"):
+        raise ConfigError(source, "engine.kind", f"expected 'local' or 'nats', got {engine.kind!r}")
+    if engine.kind == "local":
+        return engine
+    urls = [engine.url] if isinstance(engine.url, str) else engine.url
+    if not urls or not all(u.startswith(("nats://", "tls://")) for u in urls):
+        raise ConfigError(source, "engine.url", f"expected nats:// URLs, got {engine.url!r}")
+    stream = engine.stream or "mz_" + re.sub(r"[^A-Za-z0-9_-]", "_", raw.workflow.name)
+    if not _SUBJECT_TOKEN.match(stream):
+        raise ConfigError(source, "engine.stream", f"{stream!r}: letters, digits, '_' and '-' only")
+    routes = {
+        *raw.connector.input_routes,
+        *raw.connector.output_routes.values(),
+        *(r for p in raw.processors for r in p.routes),
+    }
+    for route in sorted(routes):
+        if not _SUBJECT_TOKEN.match(route) or route.startswith("_"):
+            raise ConfigError(
+                source,
+                "engine.kind",
+                f"route {route!r}: with the nats engine a route is a NATS subject token "
+                "(letters, digits, '_' and '-', not starting with '_')",
+            )
+    return msgspec.structs.replace(engine, stream=stream)
 
 
 def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext | None:

@@ -25,6 +25,9 @@ class ConnectionInfo:
     #: The name of the token the client presented (``[connector.auth.tokens]``); "" for the
     #: shared token, or when the server asks for none.
     user: str = ""
+    #: The connector server the connection is attached to (its instance, with the NATS
+    #: engine; "" with the local one).
+    server: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +78,10 @@ class ConnectionEnded:
 class ConnectionControl(Protocol):
     """What a workflow may do with connections (implemented by the connector)."""
 
-    def decide(self, connection_id: int, accept: bool, reason: str = "") -> None: ...
+    def decide(self, connection: ConnectionInfo, accept: bool, reason: str = "") -> None: ...
 
-    def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None: ...
+    def set_output_route(
+        self, connection: ConnectionInfo | int, type_name: str, route: str | None
+    ) -> None: ...
 
     def connections_info(self) -> list[ConnectionInfo]: ...

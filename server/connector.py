@@ -29,11 +29,11 @@ from mzconnector import (
 
 from .config import Config
 from .connections import ConnectionInfo
+from .engines import Engine
 from .errors import BindError
-from .kv import KvStore
 from .mim import MimTable
 from .outbox import Waiting
-from .routes import Batch, OutputRoutes, RouteTable
+from .routes import Batch, OutputRoutes
 from .session import ServerConnection
 from .sessions import SessionTable
 from .subscriptions import SubscriptionHub
@@ -53,9 +53,11 @@ _records_frame = msgspec.msgpack.Decoder(Records)
 class Connector:
     """The connector agent: listener, connections, and the consumer of the input routes."""
 
-    def __init__(self, config: Config, routes: RouteTable, mim: MimTable, kv: KvStore) -> None:
+    def __init__(self, config: Config, engine: Engine, mim: MimTable) -> None:
         self.config = config
-        self.kv = kv
+        self.engine = engine
+        self.kv = engine.kv
+        routes = engine.routes
         self.settings = settings = config.connector
         self.routes = routes
         self.mim = mim
@@ -74,9 +76,7 @@ class Connector:
         self.query_decoders = {
             name: msgspec.msgpack.Decoder(spec.request) for name, spec in config.queries.items()
         }
-        self.hub = SubscriptionHub(
-            codec, mim.counters, limit=settings.durable_limit, taps=routes.taps
-        )
+        self.hub = SubscriptionHub(codec, mim.counters, limit=settings.durable_limit, routes=routes)
         self.record_types = frozenset(codec.types.values())
         self.wire_types = self.record_types | {bytes, Pickled}
         # What the workflow routes to clients is checked against its declared types before a
@@ -180,16 +180,20 @@ class Connector:
         return f"the connection limit ({self.limit}) is reached"
 
     # -- what the workflow may do with connections (ConnectionControl) ------------------------
-    def decide(self, connection_id: int, accept: bool, reason: str = "") -> None:
+    def decide(self, connection: ConnectionInfo | int, accept: bool, reason: str = "") -> None:
         """Accept or reject a pending connection request."""
+        connection_id = _id(connection)
         conn = self._sessions.get(connection_id)
         if conn is None:
             raise LookupError(f"no connection request {connection_id} is waiting for a decision")
         conn.decide(accept, reason)
 
-    def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None:
+    def set_output_route(
+        self, connection: ConnectionInfo | int, type_name: str, route: str | None
+    ) -> None:
         """Send one connection's records of ``type_name`` on ``route`` from its next records
         on (``None``: back to the configured route)."""
+        connection_id = _id(connection)
         conn = self.connections.get(connection_id)
         if conn is None:
             raise LookupError(f"connection {connection_id} is not open")
@@ -406,6 +410,10 @@ def _delivery_chunks(items: list[Any], payload: int) -> Iterator[list[Any]]:
             start, size = i + 1, 0
     if start < len(items):
         yield items[start:]
+
+
+def _id(connection: ConnectionInfo | int) -> int:
+    return connection if isinstance(connection, int) else connection.id
 
 
 def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

@@ -40,38 +40,50 @@ class KvError(ValueError):
     """A key or value a map cannot hold."""
 
 
-class KvStore:
-    """Every map of a workflow, in memory or in one SQLite file."""
+class KvBackend:
+    """Where the maps of a workflow live, as encoded keys and values: what every backend
+    shares (the encoding, the checks, ``map``), and the raw operations each implements. The
+    async operations are what a client's request uses; by default they are the sync ones."""
 
-    def __init__(self, codec: RecordCodec, path: Path | None = None) -> None:
+    def __init__(self, codec: RecordCodec) -> None:
         self._codec = codec
         self._record_decoders = {
             name: msgspec.msgpack.Decoder(cls) for name, cls in codec.types.items()
         }
         self._encoder = msgspec.msgpack.Encoder()
-        self._path = path
-        self._memory: dict[str, dict[bytes, tuple[str, bytes]]] = {}
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()  # the server's loop, and test code that reads the file
-        if path is not None:
-            try:
-                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.execute(_SCHEMA)
-            except sqlite3.Error as exc:
-                self.close()
-                raise KvError(f"cannot keep the maps in {str(path)!r}: {exc}") from None
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Let go of what it holds (a file, a connection)."""
 
     def map(self, name: str) -> KvMap:
         if not isinstance(name, str) or not name:
             raise KvError(f"a map's name is a non-empty string, not {name!r}")
         return KvMap(self, name)
+
+    # -- raw operations, on encoded keys and values -------------------------------------------
+    def get_raw(self, name: str, key: bytes) -> tuple[str, bytes] | None:
+        raise NotImplementedError
+
+    def set_raw(self, name: str, key: bytes, kind: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def remove_raw(self, name: str, key: bytes) -> bool:
+        raise NotImplementedError
+
+    def items_raw(self, name: str) -> list[tuple[bytes, str, bytes]]:
+        raise NotImplementedError
+
+    async def aget_raw(self, name: str, key: bytes) -> tuple[str, bytes] | None:
+        return self.get_raw(name, key)
+
+    async def aset_raw(self, name: str, key: bytes, kind: str, value: bytes) -> None:
+        self.set_raw(name, key, kind, value)
+
+    async def aremove_raw(self, name: str, key: bytes) -> bool:
+        return self.remove_raw(name, key)
+
+    async def aitems_raw(self, name: str) -> list[tuple[bytes, str, bytes]]:
+        return self.items_raw(name)
 
     # -- encoded keys and values ------------------------------------------------------------
     def _key(self, key: Any) -> bytes:
@@ -117,6 +129,31 @@ class KvStore:
                 return msgspec.msgpack.decode(data)
             return decoder.decode(data)
         return msgspec.msgpack.decode(data)
+
+
+class KvStore(KvBackend):
+    """Every map of a workflow, in memory or in one SQLite file."""
+
+    def __init__(self, codec: RecordCodec, path: Path | None = None) -> None:
+        super().__init__(codec)
+        self._path = path
+        self._memory: dict[str, dict[bytes, tuple[str, bytes]]] = {}
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # the server's loop, and test code that reads the file
+        if path is not None:
+            try:
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(_SCHEMA)
+            except sqlite3.Error as exc:
+                self.close()
+                raise KvError(f"cannot keep the maps in {str(path)!r}: {exc}") from None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     # -- raw operations (encoded) -----------------------------------------------------------
     def get_raw(self, name: str, key: bytes) -> tuple[str, bytes] | None:
@@ -172,7 +209,7 @@ class KvMap:
     """One named map, with the dict forms (``m[key]``, ``m[key] = v``, ``del m[key]``,
     ``key in m``, ``len(m)``; a missing key is a ``KeyError``)."""
 
-    def __init__(self, store: KvStore, name: str) -> None:
+    def __init__(self, store: KvBackend, name: str) -> None:
         self._store = store
         self.name = name
 
@@ -223,27 +260,30 @@ class KvMap:
         return len(self._store.items_raw(self.name))
 
 
-def kv_answer(store: KvStore, request: KvRequest) -> Answer:
+async def kv_answer(store: KvBackend, request: KvRequest) -> Answer:
     """Carry out a client's request on a map; the answer says what it found, or what is wrong."""
     try:
         key = msgspec.msgpack.decode(request.key)
         name = store.map(request.map).name
         op = request.op
         if op == "get":
-            found = store.get_raw(name, store._key(key))
+            found = await store.aget_raw(name, store._key(key))
             if found is None:
                 return Answer(request.id)
             return Answer(request.id, found=True, kind=found[0], value=msgspec.Raw(found[1]))
         if op == "set":
-            store.set_raw(name, store._key(key), *store._checked(request.kind, request.value))
+            await store.aset_raw(
+                name, store._key(key), *store._checked(request.kind, request.value)
+            )
             return Answer(request.id, found=True)
         if op == "remove":
-            return Answer(request.id, found=store.remove_raw(name, store._key(key)))
+            return Answer(request.id, found=await store.aremove_raw(name, store._key(key)))
         if op == "items":
-            items = [[msgspec.Raw(k), kind, msgspec.Raw(v)] for k, kind, v in store.items_raw(name)]
+            found_items = await store.aitems_raw(name)
+            items = [[msgspec.Raw(k), kind, msgspec.Raw(v)] for k, kind, v in found_items]
             return Answer(request.id, found=True, value=msgspec.Raw(_encoder.encode(items)))
         if op == "len":
-            count = len(store.items_raw(name))
+            count = len(await store.aitems_raw(name))
             return Answer(request.id, found=True, value=msgspec.Raw(_encoder.encode(count)))
         return Answer(request.id, error=f"no operation {op!r} on a key-value map")
     except KvError as exc:

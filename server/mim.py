@@ -62,6 +62,8 @@ class AssignedMims(MutableMapping[str, Any]):
         self._types = dict(declared)
         self._text = dict(declared_text)
         self._values: dict[str, Any] = dict.fromkeys(declared)
+        #: When each was last set (time.time()), so that totals over processes take the last.
+        self.times: dict[str, float] = {}
 
     def __getitem__(self, name: str) -> Any:
         self._known(name)
@@ -78,6 +80,7 @@ class AssignedMims(MutableMapping[str, Any]):
                     f"{type(value).__name__} {value!r}"
                 ) from None
         self._values[name] = value
+        self.times[name] = time.time()
 
     def __delitem__(self, name: str) -> None:
         self[name] = None

@@ -60,7 +60,9 @@ class QueryCall:
         self._codec = codec
         self._limit = max_frame_size - FRAME_OVERHEAD
         self._spawn = spawn
-        self._on_done = on_done
+        self.on_done = on_done
+        #: Told when the client gives up (an engine that answers elsewhere passes it on).
+        self.on_cancel: Callable[[], None] | None = None
         self._backlog: deque[Message] = deque()
 
     def __repr__(self) -> str:
@@ -128,7 +130,7 @@ class QueryCall:
     def _finish(self, message: Message | None) -> None:
         self._check_open()
         self.done = True
-        self._on_done(self)
+        self.on_done(self)
         if message is not None and not self.cancelled:
             self._send(message)
 
@@ -151,9 +153,22 @@ class QueryCall:
     # -- the client's side -------------------------------------------------------------------
     def cancel(self) -> None:
         """The client gave up: drop what comes, stop an async processor at its next await."""
+        if self.cancelled:
+            return
         self.cancelled = True
         self._backlog.clear()
         self.scope.cancel()
+        if self.on_cancel is not None and not self.done:
+            self.on_cancel()
+
+    def forward(self, message: QueryReply | QueryFailed) -> None:
+        """A reply made and checked in another process: on to the client."""
+        if self.done or self.cancelled:
+            return
+        if isinstance(message, QueryFailed) or message.final:
+            self._finish(message)
+        else:
+            self._send(message)
 
 
 class _BadReply(Exception):

@@ -61,6 +61,7 @@ class RouteTable:
 
     def __init__(self) -> None:
         self._targets: dict[str, Target] = {}
+        self.processes: dict[str, Target] = {}
         self.in_flight = InFlight()
         #: Route -> what taps it (objects with ``offer(records)``, which never block): each
         #: batch on the route is offered to them before its consumer takes it.
@@ -73,10 +74,25 @@ class RouteTable:
     def names(self) -> list[str]:
         return sorted(self._targets)
 
-    def bind(self, route: str, target: Target) -> None:
+    def bind(self, route: str, target: Target, *, process: Target | None = None) -> None:
+        """``target`` takes the route's batches; ``process``, if given, is the same consumer
+        returning only once a batch is processed (an engine that acknowledges batches after
+        processing calls it)."""
         if route in self._targets:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
+        self.processes[route] = process or target
+
+    def add_tap(self, route: str, tap: Any) -> None:
+        """From now on, offer each batch on ``route`` to ``tap`` too."""
+        self.taps.setdefault(route, []).append(tap)
+
+    def remove_tap(self, route: str, tap: Any) -> None:
+        taps = self.taps.get(route, [])
+        if tap in taps:
+            taps.remove(tap)
+        if not taps:
+            self.taps.pop(route, None)
 
     async def send(
         self,
@@ -86,8 +102,11 @@ class RouteTable:
         connection: int | None = None,
         source: str | None = None,
         query: Any = None,
+        raw: Any = None,
     ) -> None:
-        """Hand a batch to the route's consumer; waits while the consumer is full."""
+        """Hand a batch to the route's consumer; waits while the consumer is full. ``raw``,
+        if given, is the records already encoded (an engine that sends them on may reuse
+        it)."""
         try:
             target = self._targets[route]
         except KeyError:

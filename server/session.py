@@ -259,6 +259,7 @@ class ServerConnection:
                 tls_subject=_tls_subject(self.stream),
                 connected_at=datetime.datetime.now(datetime.timezone.utc),
                 user=self.user,
+                server=self.connector.engine.instance,
             )
             self.client_id = hello.client_id
             self._client_keepalive = hello.keepalive
@@ -629,7 +630,7 @@ class ServerConnection:
             self._acked = taken = self.session.taken
             await self.outbox.put_message(Ack(taken))
         elif isinstance(event, GetMim):
-            await self.outbox.put_message(Mim(self.connector.mim.snapshot()))
+            await self.outbox.put_message(Mim(self.connector.engine.mim_snapshot()))
         elif isinstance(event, Query):
             await self._query(event)
         elif isinstance(event, CancelQuery):
@@ -645,7 +646,7 @@ class ServerConnection:
             if sub is not None:
                 sub.acknowledge(event.seq, event.through)
         elif isinstance(event, KvRequest):
-            await self.outbox.put_message(kv_answer(self.connector.kv, event))
+            await self.outbox.put_message(await kv_answer(self.connector.kv, event))
         elif isinstance(event, Ping):
             await self.outbox.put_message(Pong(event.id))
         elif isinstance(event, (Bye, Closed)):
@@ -691,7 +692,7 @@ class ServerConnection:
             send = connector.routes.send
             routes = self.output_routes
             if routes.single is not None:
-                await send(routes.single, records, info)
+                await send(routes.single, records, info, raw=None if refused else raw)
             else:
                 for route, group in routes.split(records).items():
                     await send(route, group, info)

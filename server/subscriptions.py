@@ -34,6 +34,7 @@ from .mim import Counters
 
 if TYPE_CHECKING:
     from .outbox import Outbox
+    from .routes import RouteTable
 
 log = logging.getLogger("mzserver.subscriptions")
 
@@ -378,13 +379,13 @@ class SubscriptionHub:
     """Every subscription and durable of a server, by route."""
 
     def __init__(
-        self, codec: RecordCodec, counters: Counters, *, limit: int, taps: dict[str, list[Any]]
+        self, codec: RecordCodec, counters: Counters, *, limit: int, routes: RouteTable
     ) -> None:
         self._codec = codec
         self._counters = counters
         self._limit = limit
         self.by_route: dict[str, list[Subscription]] = {}  # on input routes, but durables'
-        self.taps = taps  # the RouteTable's: it offers each batch on a tapped route to these
+        self._routes = routes  # it offers each batch on a tapped route to the taps
         self._durables: dict[tuple[str, str], Durable] = {}
         self.durables_by_route: dict[str, list[Durable]] = {}
 
@@ -439,8 +440,10 @@ class SubscriptionHub:
         )
         if store is not None:
             store.attached.append(sub)
+        elif tap:
+            self._routes.add_tap(route, sub)
         else:
-            (self.taps if tap else self.by_route).setdefault(route, []).append(sub)
+            self.by_route.setdefault(route, []).append(sub)
         return sub
 
     def _durable(
@@ -465,12 +468,14 @@ class SubscriptionHub:
 
     def remove(self, sub: Subscription) -> None:
         sub.close()
-        if sub.durable is None:
-            subs = (self.taps if sub.tap else self.by_route).get(sub.route, [])
+        if sub.tap:
+            self._routes.remove_tap(sub.route, sub)
+        elif sub.durable is None:
+            subs = self.by_route.get(sub.route, [])
             if sub in subs:
                 subs.remove(sub)
             if not subs:
-                (self.taps if sub.tap else self.by_route).pop(sub.route, None)
+                self.by_route.pop(sub.route, None)
 
     def deliver(self, route: str, records: list[Any]) -> bool:
         """Records the workflow routed to every client, on an input route; whether any

@@ -116,6 +116,18 @@ class KvTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     path: str = ""
 
 
+class EngineTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[engine]``: where routes run. ``local``: in this process; ``nats``: on NATS
+    JetStream, so that connectors and workers may run in many processes."""
+
+    kind: str = "local"
+    url: str | list[str] = "nats://127.0.0.1:4222"
+    stream: str = ""  # default: derived from [workflow] name
+    ack_wait: Seconds = 30.0  # how long a worker may take a batch before it goes to another
+    max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30  # the stream's limit
+    connect_timeout: Seconds = 5.0
+
+
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     workflow: WorkflowTable = WorkflowTable()
     connector: ConnectorTable = ConnectorTable()
@@ -125,6 +137,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     processors: list[ProcessorTable] = []
     queries: dict[str, QueryTable] = {}
     kv: KvTable = KvTable()
+    engine: EngineTable = EngineTable()
 
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -195,6 +208,8 @@ def _expected(info: mi.Type) -> str:
         return f"a list of {_plural(info.item_type)}"
     if isinstance(info, (mi.DictType, mi.StructType)):
         return "a table"
+    if isinstance(info, mi.UnionType):
+        return " or ".join(_expected(t) for t in info.types)
     return "a value of another type"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Collection
 from typing import Any
 
 import trio
@@ -22,7 +23,7 @@ from mzconnector import Namespace
 from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import RouteError
-from .kv import KvMap, KvStore
+from .kv import KvBackend, KvMap
 from .mim import AssignedMims, MimTable
 from .queries import QueryCall
 from .routes import Batch, RouteTable
@@ -77,7 +78,7 @@ class ProcessorContext:
         mim: AssignedMims,
         control: ConnectionControl,
         udrs: Namespace,
-        kv: KvStore,
+        kv: KvBackend,
     ) -> None:
         self._control = control
         self._kv = kv
@@ -175,18 +176,22 @@ class ProcessorContext:
     # -- connections ----------------------------------------------------------------------
     def accept(self, request: ConnectionRequest) -> None:
         """Let the client of a connection request in."""
-        self._control.decide(request.id, True)
+        self._control.decide(request.connection, True)
 
     def reject(self, request: ConnectionRequest, reason: str) -> None:
         """Turn the client of a connection request away; it sees ``reason``."""
-        self._control.decide(request.id, False, reason)
+        self._control.decide(request.connection, False, reason)
 
     def set_output_route(
         self, connection: ConnectionInfo | int, type_name: str, route: str | None
     ) -> None:
         """From its next records on, send one connection's records of ``type_name`` on
         ``route`` instead of the configured output route (``None`` restores it)."""
-        self._control.set_output_route(_id(connection), type_name, route)
+        if isinstance(connection, int) and self.connection and self.connection.id == connection:
+            connection = self.connection  # it names its server too
+        elif not isinstance(connection, (int, ConnectionInfo)):
+            connection = connection.connection  # a request, or an ended connection
+        self._control.set_output_route(connection, type_name, route)
 
     @property
     def connections(self) -> list[ConnectionInfo]:
@@ -249,6 +254,11 @@ class ProcessorRunner:
             self._queued -= 1
             in_flight.done()
             raise
+
+    async def process(self, batch: Batch) -> None:
+        """Process a batch now, in turn with the others; return when it is done."""
+        async with self._lock:
+            await self._process(batch)
 
     async def run(self) -> None:
         """Process queued batches until cancelled."""
@@ -340,20 +350,25 @@ class Workflow:
         routes: RouteTable,
         mim: MimTable,
         control: ConnectionControl,
-        kv: KvStore,
+        kv: KvBackend,
+        *,
+        only: Collection[str] | None = None,
     ) -> None:
+        """``only``: the names of the processors this process runs (None: every one)."""
         self.config = config
         self.routes = routes
         self.mim = mim
         self.runners: list[ProcessorRunner] = []
         udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
+            if only is not None and processor.name not in only:
+                continue
             ctx = ProcessorContext(
                 config.workflow, processor.name, routes, mim.assigned, control, udrs, kv
             )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:
-                routes.bind(route, runner.accept)
+                routes.bind(route, runner.accept, process=runner.process)
             self.runners.append(runner)
 
     async def run(self) -> None:
