@@ -3342,7 +3342,8 @@ class Connection(_ClientBase):
                 while self._closed is None:
                     delay = self._first_at + self._linger - time.monotonic()
                     if delay > 0:
-                        time.sleep(delay)
+                        # (Woken early when the connection is closed: set by _mark_closed.)
+                        self._stop_reconnecting.wait(delay)
                     with self._send_lock:
                         if self._closed is not None:
                             return
