@@ -18,10 +18,12 @@ import msgspec.inspect as mi
 
 from mzconnector import DEFAULT_MAX_FRAME_SIZE
 
+from .auth import Secret
 from .errors import ConfigError
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class TlsTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -32,6 +34,22 @@ class TlsTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     keyfile: str = ""
     cafile: str = ""
     require_client_auth: bool = False
+
+
+class AuthTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[connector.auth]``: one shared ``token``, and/or named ``tokens`` (name -> token). The
+    tokens are ``Secret``s: a printed configuration never shows them."""
+
+    token: Secret | None = None
+    tokens: dict[str, Secret] = {}
+
+
+class SessionMemoryTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[connector.session_memory]``: how long (after its last connection ended) and how many
+    client sessions the server remembers, to take a resent record once."""
+
+    seconds: SecondsOrOff = 600.0
+    sessions: Annotated[int, msgspec.Meta(ge=0)] = 10000
 
 
 class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -61,7 +79,13 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     # Conversations: internal routes clients may tap; records a subscription holds at most.
     tap_routes: list[str] = []
     durable_limit: Count = 100000
+    # Staying connected: ping a client that asked for it (Hello.keepalive) after this many idle
+    # seconds, and end its connection after this many pings unanswered (0 in either: off).
+    keepalive: SecondsOrOff = 15.0
+    keepalive_misses: Annotated[int, msgspec.Meta(ge=0)] = 3
+    session_memory: SessionMemoryTable = SessionMemoryTable()
     tls: TlsTable = TlsTable()
+    auth: AuthTable = AuthTable()
 
 
 class WorkflowTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -141,6 +165,10 @@ def convert_table(data: Any, kind: type[S], source: str, key: str = "") -> S:
 
 def _convert(value: Any, kind: Any, source: str, key: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Secret or args == (Secret, type(None)):
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {_found_secret(value)}")
+        return Secret(value)
     if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
         return convert_table(value, kind, source, key)
     if origin is list and isinstance(value, list):
@@ -189,6 +217,17 @@ def _plural(info: mi.Type) -> str:
     return {mi.StrType: "strings", mi.IntType: "integers", mi.BoolType: "booleans"}.get(
         type(info), "values"
     )
+
+
+def _found_secret(value: Any) -> str:
+    """A value where a token belongs, described without showing it."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a number"}.get(type(value), "a date or time")
 
 
 def _found(value: Any) -> str:
