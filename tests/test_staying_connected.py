@@ -9,6 +9,7 @@ import asyncio
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -648,3 +649,50 @@ def test_a_token_from_the_environment_serves_both_sides(
         mzconnector.connect("127.0.0.1", server.port)
     _, log = server.stop()
     assert TOKEN not in log
+
+
+# -- errors that keep what the server said --------------------------------------------------------
+
+
+def test_errors_from_the_server_keep_its_message_as_raw_and_show_it(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """``err.raw`` is the decoded frame the server sent; ``repr(err)`` shows the class and the
+    server's words. Errors of this side have no ``raw``."""
+    server = start_server(auth_workflow(tmp_path, f"[connector.auth]\ntoken = '{TOKEN}'\n"))
+    with pytest.raises(mzconnector.AuthenticationFailed) as refused:
+        mzconnector.connect("127.0.0.1", server.port, token="tok-wrong")
+    assert refused.value.raw == mzconnector.Refuse("auth", "authentication failed")
+    assert repr(refused.value).startswith("AuthenticationFailed('127.0.0.1:")
+    assert repr(refused.value).endswith(
+        "refused the connection: authentication failed', "
+        "raw=Refuse(code='auth', reason='authentication failed'))"
+    )
+
+    echo = start_server(str(WORKFLOWS / "example.toml"))
+    with mzconnector.connect("127.0.0.1", echo.port, timeout=5) as conn:
+        conn.submit(conn.udrs.Subscriber(msisdn="1", balance="one"))  # the server checks
+        with pytest.raises(mzconnector.RecordRefused) as records:
+            conn.flush()
+        error = mzconnector.RecordError(0, "Subscriber", "balance", "expected int, got str 'one'")
+        assert records.value.raw == mzconnector.Refused([error], 0)
+        assert repr(records.value) == (
+            "RecordRefused(\"1 record(s) were refused: record #0 (Subscriber.balance): "
+            "expected int, got str 'one'\", raw=Refused(errors=[RecordError(index=0, "
+            "type='Subscriber', field='balance', message=\"expected int, got str 'one'\")], "
+            "omitted=0))"
+        )
+        # A client that breaks the protocol (a frame that is not msgpack): the server says
+        # so in an Error frame and closes; the next call raises ConnectionClosed with it.
+        conn._link[0].send(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+        with pytest.raises(mzconnector.ConnectionClosed) as closed:
+            conn.mim()  # a call that waits for the server's answer
+    raw = closed.value.raw
+    assert isinstance(raw, mzconnector.Error), repr(raw)
+    assert raw.message.startswith("malformed frame")
+    assert str(closed.value) == f"the server reported an error: {raw.message}"
+    assert repr(closed.value) == f"ConnectionClosed({str(closed.value)!r}, raw={raw!r})"
+    assert "raw=Error(message=\"malformed frame: MessagePack data is malformed" in repr(closed.value)
+    local = mzconnector.NotAccepted("nothing from the server")
+    assert (local.raw, repr(local)) == (None, "NotAccepted('nothing from the server')")
+
