@@ -367,12 +367,16 @@ def test_tls_server_hostname_and_the_system_trust_store(
             return str((await conn.mim())["Workflow Name"])
 
     assert asyncio.run(by_ip()) == "connections"
-    for client in ("blocking", "asyncio"):
+
+    def blocking() -> Any:
+        return mzconnector.connect("127.0.0.1", server.port, tls=True, cafile=ca)
+
+    def from_asyncio() -> Any:
+        return asyncio.run(mzconnector.connect_async("127.0.0.1", server.port, tls=True, cafile=ca))
+
+    for by_ip_unnamed in (blocking, from_asyncio):
         with pytest.raises(mzconnector.ConnectError) as info:
-            if client == "blocking":
-                mzconnector.connect("127.0.0.1", server.port, tls=True, cafile=ca)
-            else:
-                asyncio.run(mzconnector.connect_async("127.0.0.1", server.port, tls=True, cafile=ca))
+            by_ip_unnamed()
         message = str(info.value)
         assert "not valid for the host name you connected to" in message, message
         assert "'127.0.0.1'" in message, message

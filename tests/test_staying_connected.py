@@ -577,8 +577,7 @@ def test_the_server_ends_a_frozen_client_and_frees_its_slot(
         def admitted() -> mzconnector.Connection | None:
             try:
                 return mzconnector.connect("127.0.0.1", server.port, metadata={"token": "secret"})
-            except mzconnector.ConnectionRefused as exc:
-                assert "limit (1)" in str(exc)
+            except mzconnector.ConnectionLimitReached:
                 return None
 
         # Given up 3 to 4 intervals after the last thing heard (a busy VM may take longer).
@@ -677,7 +676,7 @@ def test_errors_from_the_server_keep_its_message_as_raw_and_show_it(
         error = mzconnector.RecordError(0, "Subscriber", "balance", "expected int, got str 'one'")
         assert records.value.raw == mzconnector.Refused([error], 0)
         assert repr(records.value) == (
-            "RecordRefused(\"1 record(s) were refused: record #0 (Subscriber.balance): "
+            'RecordRefused("1 record(s) were refused: record #0 (Subscriber.balance): '
             "expected int, got str 'one'\", raw=Refused(errors=[RecordError(index=0, "
             "type='Subscriber', field='balance', message=\"expected int, got str 'one'\")], "
             "omitted=0))"
@@ -692,7 +691,6 @@ def test_errors_from_the_server_keep_its_message_as_raw_and_show_it(
     assert raw.message.startswith("malformed frame")
     assert str(closed.value) == f"the server reported an error: {raw.message}"
     assert repr(closed.value) == f"ConnectionClosed({str(closed.value)!r}, raw={raw!r})"
-    assert "raw=Error(message=\"malformed frame: MessagePack data is malformed" in repr(closed.value)
+    assert 'raw=Error(message="malformed frame: MessagePack data is malformed' in repr(closed.value)
     local = mzconnector.NotAccepted("nothing from the server")
     assert (local.raw, repr(local)) == (None, "NotAccepted('nothing from the server')")
-
