@@ -1826,7 +1826,8 @@ def _describe_tls_error(exc: ssl.SSLError, where: str) -> str:
         if "mismatch" in detail or "hostname" in detail.lower():
             return (
                 f"TLS handshake failed: the server's certificate is not valid for the host name "
-                f"you connected to ({detail})"
+                f"you connected to ({detail}); connect by a name it has, or pass "
+                f"server_hostname= that name (a server reached by IP or through a tunnel)"
             )
         return f"TLS handshake failed: the server's certificate cannot be verified ({detail})"
     if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "packet length" in text:

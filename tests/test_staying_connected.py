@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,8 @@ import pytest
 
 import mzconnector
 from mzconnector import ConnectionState as S
-from tests.conftest import WORKFLOWS, ServerProcess
+from tests.conftest import ROOT, WORKFLOWS, ServerProcess
+from tests.test_connections import write_config
 from tests.test_faults import LOG_WORKFLOW, Log, PinnedServer, returns_within, wait_for
 
 StartServer = Callable[..., ServerProcess]
@@ -509,6 +515,85 @@ def test_keepalive_reconnects_past_a_frozen_link(
     conn.close()
 
 
+def frozen_raw_client(port: int) -> Callable[[], None]:
+    """A client that asks for keepalive, is welcomed, then never sends a byte again (it reads
+    nothing either, as a frozen process): it answers no ping. Returns what closes it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    protocol = mzconnector.Protocol(mzconnector.Role.CLIENT)
+    hello = mzconnector.Hello(
+        mzconnector.PROTOCOL_VERSION, name="frozen", metadata={"token": "secret"}, keepalive=0.2
+    )
+    sock.sendall(protocol.send(hello))
+    while (event := protocol.next_event()) is mzconnector.NEED_DATA:
+        protocol.receive_data(sock.recv(1 << 16))
+    assert isinstance(event, mzconnector.Welcome), event
+    assert event.keepalive == 0.2  # the server pings it
+    return sock.close
+
+
+def stopped_client_process(port: int) -> Callable[[], None]:
+    """A real client process with keepalive on, connected, then stopped with SIGSTOP."""
+    code = (
+        "import sys, mzconnector\n"
+        f"conn = mzconnector.connect('127.0.0.1', {port}, name='frozen', keepalive=0.2,\n"
+        "    metadata={'token': 'secret'})\n"
+        "print('connected', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "connected\n"
+    proc.send_signal(signal.SIGSTOP)
+
+    def end() -> None:
+        proc.kill()  # a stopped process is killed all the same
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            assert pipe is not None
+            pipe.close()
+
+    return end
+
+
+@pytest.mark.parametrize("freeze", [frozen_raw_client, stopped_client_process])
+def test_the_server_ends_a_frozen_client_and_frees_its_slot(
+    freeze: Callable[[int], Callable[[], None]], start_server: StartServer, tmp_path: Path
+) -> None:
+    """The server pings a client that asked for keepalive; after keepalive_misses unanswered
+    pings it ends the connection, tells the workflow (connection control), and the slot of a
+    full server is free for a new client."""
+    config = write_config(
+        tmp_path, "max_connections = 1\nkeepalive = 0.2\nkeepalive_misses = 2", control=True
+    )
+    server = start_server(str(config))
+    end = freeze(server.port)
+    try:
+        with pytest.raises(mzconnector.ConnectionRefused, match=r"limit \(1\)"):
+            mzconnector.connect("127.0.0.1", server.port, metadata={"token": "secret"})
+
+        def admitted() -> mzconnector.Connection | None:
+            try:
+                return mzconnector.connect("127.0.0.1", server.port, metadata={"token": "secret"})
+            except mzconnector.ConnectionLimitReached:
+                return None
+
+        # Given up 3 to 4 intervals after the last thing heard (a busy VM may take longer).
+        took = time.monotonic()
+        with wait_for(admitted, what="a free slot") as conn:
+            took = time.monotonic() - took
+            mim = wait_for(lambda: (m := conn.mim())["Ended"] and m, what="the workflow told")
+            assert (mim["Ended"], mim["Last Ended"]) == (1, "frozen")
+            assert mim["Connected Clients"] == 1  # the new client only
+        assert took < 5
+    finally:
+        end()
+    _, log = server.stop()
+    assert "no answer to 2 pings, 0.2 s apart; closing" in log
+
+
 # -- tokens -------------------------------------------------------------------------------------
 
 
@@ -563,3 +648,49 @@ def test_a_token_from_the_environment_serves_both_sides(
         mzconnector.connect("127.0.0.1", server.port)
     _, log = server.stop()
     assert TOKEN not in log
+
+
+# -- errors that keep what the server said --------------------------------------------------------
+
+
+def test_errors_from_the_server_keep_its_message_as_raw_and_show_it(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """``err.raw`` is the decoded frame the server sent; ``repr(err)`` shows the class and the
+    server's words. Errors of this side have no ``raw``."""
+    server = start_server(auth_workflow(tmp_path, f"[connector.auth]\ntoken = '{TOKEN}'\n"))
+    with pytest.raises(mzconnector.AuthenticationFailed) as refused:
+        mzconnector.connect("127.0.0.1", server.port, token="tok-wrong")
+    assert refused.value.raw == mzconnector.Refuse("auth", "authentication failed")
+    assert repr(refused.value).startswith("AuthenticationFailed('127.0.0.1:")
+    assert repr(refused.value).endswith(
+        "refused the connection: authentication failed', "
+        "raw=Refuse(code='auth', reason='authentication failed'))"
+    )
+
+    echo = start_server(str(WORKFLOWS / "example.toml"))
+    with mzconnector.connect("127.0.0.1", echo.port, timeout=5) as conn:
+        conn.submit(conn.udrs.Subscriber(msisdn="1", balance="one"))  # the server checks
+        with pytest.raises(mzconnector.RecordRefused) as records:
+            conn.flush()
+        error = mzconnector.RecordError(0, "Subscriber", "balance", "expected int, got str 'one'")
+        assert records.value.raw == mzconnector.Refused([error], 0)
+        assert repr(records.value) == (
+            'RecordRefused("1 record(s) were refused: record #0 (Subscriber.balance): '
+            "expected int, got str 'one'\", raw=Refused(errors=[RecordError(index=0, "
+            "type='Subscriber', field='balance', message=\"expected int, got str 'one'\")], "
+            "omitted=0))"
+        )
+        # A client that breaks the protocol (a frame that is not msgpack): the server says
+        # so in an Error frame and closes; the next call raises ConnectionClosed with it.
+        conn._link[0].send(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+        with pytest.raises(mzconnector.ConnectionClosed) as closed:
+            conn.mim()  # a call that waits for the server's answer
+    raw = closed.value.raw
+    assert isinstance(raw, mzconnector.Error), repr(raw)
+    assert raw.message.startswith("malformed frame")
+    assert str(closed.value) == f"the server reported an error: {raw.message}"
+    assert repr(closed.value) == f"ConnectionClosed({str(closed.value)!r}, raw={raw!r})"
+    assert 'raw=Error(message="malformed frame: MessagePack data is malformed' in repr(closed.value)
+    local = mzconnector.NotAccepted("nothing from the server")
+    assert (local.raw, repr(local)) == (None, "NotAccepted('nothing from the server')")
