@@ -1,4 +1,5 @@
-"""``python -m mzserver [workflow.toml] [--port N]``: run a workflow server until Ctrl-C/SIGTERM."""
+"""``python -m mzserver [workflow.toml] [--port N] [--http-port N]``: run a workflow server until
+Ctrl-C/SIGTERM."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
     parser.add_argument("--host", help='address to bind ("" = all interfaces)')
     parser.add_argument(
+        "--http-port",
+        type=int,
+        help="serve /healthz, /readyz, /metrics and the status page on this port "
+        "([http] port; 0 = any free port)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
         if changes:
             config = config.replace_connector(**changes)
+        if args.http_port is not None:
+            config = config.replace_http(port=args.http_port)
         trio.run(_run, config)
     except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
         return 130
@@ -65,10 +74,16 @@ async def _run(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve, config)
+            # The first line is a contract (scripts read the address from its end); the HTTP
+            # listener and the probe port each get a line of their own after it.
             print(
                 f"mzserver: workflow {config.workflow!r} listening on {server.host}:{server.port}",
                 flush=True,
             )
+            if server.http_url is not None:
+                print(f"mzserver: status page and probes on {server.http_url}", flush=True)
+            if server.probe_port is not None:
+                print(f"mzserver: TCP probe port {server.probe_port}", flush=True)
 
             async def on_signals() -> None:
                 async for signum in signals:

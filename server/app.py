@@ -11,6 +11,11 @@ program::
 A graceful stop stops accepting and reading, lets the workflow finish every record taken,
 delivers what it routes back, tells every client the server is going away, and returns. What
 is not done within ``shutdown_timeout`` is cancelled.
+
+With ``[http] port``, the HTTP listener (health, readiness, metrics, status page) runs in the
+same nursery: it starts first, so that ``/readyz`` says "starting" until the workflow runs and
+the connector accepts, says "stopping" during a graceful stop, and stops last. With
+``[connector] tcp_probe_port``, the probe port is open exactly while the server is ready.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ import trio
 
 from .config import Config
 from .connector import Connector
+from .health import Health, Phase
+from .http import GRACEFUL_TIMEOUT, HttpServer
 from .mim import AssignedMims, MimTable
+from .observe import Observed
+from .probe import serve_probe
 from .routes import RouteTable
 from .workflow import Workflow
 
@@ -30,12 +39,17 @@ log = logging.getLogger("mzserver")
 
 
 class Server:
-    """A running server: where it listens, its MIM values, and ``stop()``."""
+    """A running server: where it listens, its MIM values, its health, and ``stop()``."""
 
     def __init__(self, config: Config, mim: MimTable, addresses: list[Any]) -> None:
         self.config = config
         self.mim = mim
         self.addresses = addresses
+        self.health = Health()
+        #: The status page's address (``http://host:port/``), with ``[http] port``.
+        self.http_url: str | None = None
+        #: The TCP probe port, with ``[connector] tcp_probe_port``.
+        self.probe_port: int | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
 
@@ -72,24 +86,51 @@ async def serve(
     routes = RouteTable()
     mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
     connector = Connector(config, routes, mim)
-    workflow = Workflow(config, routes, mim, control=connector)
     listeners = await connector.open_listeners()
     server = Server(config, mim, [lst.socket.getsockname() for lst in listeners])
+    health = server.health
+    workflow = Workflow(config, routes, mim, control=connector, health=health)
+    http = None
+    if config.http.port is not None:
+        http = HttpServer(config.http, Observed(config, mim, routes, workflow, connector, health))
+        try:
+            await http.open()
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        server.http_url = http.url
     try:
         async with trio.open_nursery() as nursery:
+            if http is not None:
+                await nursery.start(http.serve, name="http")
+                log.info("HTTP on %s (/healthz /readyz /metrics)", server.http_url)
             nursery.start_soon(workflow.run, name="workflow")
             await nursery.start(connector.serve, listeners)
+            health.set_phase(Phase.READY)
+            probe = config.connector.tcp_probe_port
+            if probe is not None:
+                server.probe_port = await nursery.start(
+                    serve_probe, health, config.connector.host, probe, name="tcp probe"
+                )
             log.info("workflow %r listening on %s:%d", config.workflow, server.host, server.port)
             task_status.started(server)
             try:
                 await server._stop.wait()
+                health.set_phase(Phase.STOPPING)
                 await _graceful_stop(config, connector, routes)
             except BaseException:
                 # Cancelled: stop at once, including work shielded for a graceful stop.
                 connector.abort()
                 raise
+            if http is not None:
+                http.stop()  # last: /readyz said "stopping" until now
+                with trio.move_on_after(2 * GRACEFUL_TIMEOUT):
+                    await http.stopped.wait()
             nursery.cancel_scope.cancel()
     finally:
+        if http is not None:
+            http.close_unserved()
         server._stopped.set()
 
 

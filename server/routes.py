@@ -32,6 +32,17 @@ class UnknownRoute(LookupError):
     pass
 
 
+class RouteStats:
+    """What went through one route: plain counters, bumped once per batch."""
+
+    __slots__ = ("batches", "queued", "records")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.batches = 0
+        self.queued = 0  # batches in its processor's inbox, not yet processed
+
+
 class InFlight:
     """How many batches are in processors' inboxes or being processed."""
 
@@ -61,6 +72,7 @@ class RouteTable:
     def __init__(self) -> None:
         self._targets: dict[str, Target] = {}
         self.in_flight = InFlight()
+        self.stats: dict[str, RouteStats] = {}
 
     def __contains__(self, route: object) -> bool:
         return route in self._targets
@@ -73,6 +85,7 @@ class RouteTable:
         if route in self._targets:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
+        self.stats[route] = RouteStats()
 
     async def send(
         self,
@@ -87,6 +100,9 @@ class RouteTable:
             target = self._targets[route]
         except KeyError:
             raise UnknownRoute(route) from None
+        stats = self.stats[route]
+        stats.records += len(records)
+        stats.batches += 1
         await target(Batch(route, records, origin, connection, source))
 
 

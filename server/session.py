@@ -129,6 +129,7 @@ class ServerConnection:
         self._awaiting_decision = False
         self._taken = 0
         self._acked = 0
+        self.records_in = 0  # records taken from this client (refused ones not counted)
 
     # -- what others may do with it ---------------------------------------------------------
     def stop_reading(self) -> None:
@@ -376,6 +377,7 @@ class ServerConnection:
             records, errors, refused = await self._take_one_by_one(raw)
         counters = self.counters
         counters.records_in += len(records)
+        self.records_in += len(records)
         self._taken += len(records) + refused
         if records:
             info = self.info
