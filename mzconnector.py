@@ -3170,10 +3170,17 @@ def _plain(value: Any) -> Any:
 
 
 def _record_json(record: Any) -> Any:
-    """One received record (or bytes, or another object) as a JSON object with ``_type``."""
+    """One received item as a JSON object with ``_type``: a record, ``bytes`` (``data`` in
+    base64), or ``object`` (another Python object the workflow sent: its class, its
+    ``repr``, and its ``value`` when it is plain data)."""
     if isinstance(record, (bytes, bytearray, memoryview)):
         return {"_type": "bytes", "data": _b64(bytes(record))}
-    return _plain(record)
+    if isinstance(record, msgspec.Struct):
+        return _plain(record)
+    out = {"_type": "object", "class": _qualname(record), "repr": repr(record)[:1000]}
+    if record is None or isinstance(record, (bool, int, float, str, list, tuple, dict)):
+        out["value"] = _plain(record)
+    return out
 
 
 def _qualname(value: Any) -> str:
