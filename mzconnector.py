@@ -3282,6 +3282,7 @@ def record(
         "schema": conn._codec.schema,
         "started": datetime.datetime.now(datetime.timezone.utc),
     }
+    receive = _incoming(conn, route)
     deadline = None if seconds is None else time.monotonic() + seconds
     writer = _ParquetWriter(path, header) if kind == "parquet" else _JsonlWriter(path, header)
     count = 0
@@ -3291,7 +3292,7 @@ def record(
             if wait is not None and wait <= 0:
                 break
             try:
-                item = conn.receive(timeout=wait)
+                item = receive(wait)
             except Timeout:
                 break
             writer.write(datetime.datetime.now(datetime.timezone.utc), _record_json(item))
@@ -3608,26 +3609,30 @@ def _cmd_submit(conn: Connection, args: Any, out: _Output) -> int:
     return EXIT_OK
 
 
-def _incoming(conn: Connection, route: str, timeout: float | None) -> Iterator[Any]:
-    """What arrives for ``tail`` and ``record``. Today: what the workflow sends this client (on
-    any route); with subscriptions, this is where ``route`` (and a matcher, taps) select."""
-    return conn.records(timeout)
+def _incoming(conn: Connection, route: str) -> Callable[[float | None], Any]:
+    """How ``tail`` and ``record`` take what arrives: ``receive(timeout)``. Today: what the
+    workflow sends this client (on any route); with subscriptions, this is where ``route`` (and
+    a matcher, taps) select, by subscribing first."""
+    return conn.receive
 
 
 def _cmd_tail(conn: Connection, args: Any, out: _Output) -> int:
+    receive = _incoming(conn, args.route)
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     count = 0
-    while args.count is None or count < args.count:
-        wait = None if deadline is None else deadline - time.monotonic()
-        if wait is not None and wait <= 0:
-            break
-        item = next(_incoming(conn, args.route, wait), None)
-        if item is None:
-            if conn.closed:
-                raise conn._closed_error()
-            break
-        out.emit(_record_json(item), repr(item))
-        count += 1
+    try:
+        while args.count is None or count < args.count:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                break
+            try:
+                item = receive(wait)
+            except Timeout:
+                break
+            out.emit(_record_json(item), repr(item))
+            count += 1
+    except KeyboardInterrupt:  # the usual way to end a tail
+        pass
     return EXIT_OK
 
 
