@@ -2,7 +2,7 @@
 
 Copy this one file next to a notebook; it needs only ``msgspec`` (``pip install msgspec``).
 Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars), ``anyio`` (the async
-client under trio).
+client under trio), ``pyarrow`` (Parquet recordings).
 
     import mzconnector
     with mzconnector.connect("127.0.0.1", 7777, timeout=10) as conn:
@@ -24,6 +24,8 @@ here, so client and server can never disagree about a byte. Sections, in depende
                      socket (``_ReadTurn``)
 7. pandas helpers    records to a DataFrame and back
 8. Async connection  ``connect_async()``, ``AsyncConnection``: asyncio, or anyio (asyncio, trio)
+9. Command line      ``mzconnector COMMAND`` (or ``python mzconnector.py COMMAND``), and
+                     ``record``/``replay``: traffic to a file and back into a workflow
 
 Exceptions::
 
