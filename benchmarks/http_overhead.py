@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside this file
 
+from bench import cpu_seconds
 from harness import BENCH, WORKFLOWS, ServerProcess, _readline
 
 import mzconnector
@@ -85,17 +86,20 @@ def count(conn: mzconnector.Connection) -> int:
     return int(conn.receive(timeout=120).i)
 
 
-def push(conn: mzconnector.Connection, records: list[Any]) -> float:
-    """Records/s of one push, until the processor has counted every record."""
+def push(conn: mzconnector.Connection, records: list[Any], pid: int) -> tuple[float, float]:
+    """Records/s of one push, until the processor has counted every record; and the server's
+    CPU nanoseconds per record meanwhile (everything it did: the push, and HTTP requests)."""
     before = count(conn)
+    cpu = cpu_seconds(pid)
     began = time.perf_counter()
     conn.submit_many(records)
     conn.flush()
     after = count(conn)
     elapsed = time.perf_counter() - began
+    cpu = cpu_seconds(pid) - cpu
     if after - before != len(records):
         raise RuntimeError(f"counted {after - before} of {len(records)}")
-    return len(records) / elapsed
+    return len(records) / elapsed, cpu * 1e9 / len(records)
 
 
 class Scraper(threading.Thread):
@@ -127,6 +131,8 @@ def main() -> int:
     watched, url = start(http=True)
     assert url is not None
     rates: dict[str, list[float]] = {"without": [], "with": []}
+    cpu: dict[str, list[float]] = {"without": [], "with": []}
+    pids = {"without": plain.pid, "with": watched.pid}
     scraper = None
     with tempfile.TemporaryDirectory(prefix="mzbench-chromium-") as profile:
         browser = open_browser(url, profile)
@@ -146,12 +152,16 @@ def main() -> int:
             for run in range(args.runs + 1):  # run 0 warms up
                 order = ("without", "with") if run % 2 else ("with", "without")
                 for side in order:
-                    rate = push(
-                        conns[side], batch[side] if run else batch[side][: args.records // 5]
-                    )
+                    some = batch[side] if run else batch[side][: args.records // 5]
+                    rate, ns = push(conns[side], some, pids[side])
                     if run:
                         rates[side].append(rate)
-                        print(f"run {run}: {side} HTTP {rate / 1e6:.2f} M records/s", flush=True)
+                        cpu[side].append(ns)
+                        print(
+                            f"run {run}: {side} HTTP {rate / 1e6:.2f} M records/s, "
+                            f"server {ns:.0f} ns CPU a record",
+                            flush=True,
+                        )
             shown = browser.execute_script("return document.getElementById('total-in').textContent")
             for conn in conns.values():
                 conn.close()
@@ -165,11 +175,20 @@ def main() -> int:
     load_after = os.getloadavg()
     without, with_ = (statistics.median(rates[k]) for k in ("without", "with"))
     ratio = with_ / without
+    # Runs next to each other in time see the same noise: the ratio within each run, too.
+    paired = statistics.median(w / o for w, o in zip(rates["with"], rates["without"]))
+    cpu_without, cpu_with = (statistics.median(cpu[k]) for k in ("without", "with"))
     print()
     print(f"push, {args.records:,} records a run, median of {args.runs} runs:")
     print(f"  without HTTP:                          {without / 1e6:.2f} M records/s")
     print(f"  with HTTP, a browser watching the page: {with_ / 1e6:.2f} M records/s")
-    print(f"  ratio {ratio:.3f} ({(1 - ratio) * 100:+.1f}% lost); the page last showed {shown} in")
+    print(f"  ratio {ratio:.3f} ({(1 - ratio) * 100:.1f}% lost)")
+    print(f"  median of each run's ratio {paired:.3f}")
+    print(
+        f"  server CPU a record: {cpu_without:.0f} ns without HTTP, {cpu_with:.0f} ns with "
+        f"(ratio {cpu_with / cpu_without:.3f})"
+    )
+    print(f"  the page last showed {shown} records in")
     print(f"  load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end")
     if scraper is not None:
         print(f"  /metrics scraped {scraper.scrapes} times (every {args.scrape} s)")
@@ -179,6 +198,9 @@ def main() -> int:
         "median_without_http": without,
         "median_with_http": with_,
         "ratio": ratio,
+        "median_of_run_ratios": paired,
+        "server_cpu_ns_per_record": cpu,
+        "median_server_cpu_ns_per_record": {"without": cpu_without, "with": cpu_with},
         "scrape_period": args.scrape,
         "scrapes": scraper.scrapes if scraper else 0,
         "page_total_in": shown,
