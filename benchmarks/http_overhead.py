@@ -102,6 +102,16 @@ def push(conn: mzconnector.Connection, records: list[Any], pid: int) -> tuple[fl
     return len(records) / elapsed, cpu * 1e9 / len(records)
 
 
+def request_cost(url: str, pid: int, n: int = 300) -> float:
+    """Server CPU microseconds per GET of ``url`` (each on a new connection: an upper bound
+    for a browser, which keeps its connection)."""
+    cpu = cpu_seconds(pid)
+    for _ in range(n):
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            answer.read()
+    return (cpu_seconds(pid) - cpu) * 1e6 / n
+
+
 class Scraper(threading.Thread):
     """GETs ``/metrics`` every ``period`` seconds until stopped."""
 
@@ -163,6 +173,10 @@ def main() -> int:
                             flush=True,
                         )
             shown = browser.execute_script("return document.getElementById('total-in').textContent")
+            # What one poll of the page and one scrape cost the server, measured directly.
+            costs = {
+                path: request_cost(url + path, watched.pid) for path in ("api/status", "metrics")
+            }
             for conn in conns.values():
                 conn.close()
         finally:
@@ -188,6 +202,10 @@ def main() -> int:
         f"  server CPU a record: {cpu_without:.0f} ns without HTTP, {cpu_with:.0f} ns with "
         f"(ratio {cpu_with / cpu_without:.3f})"
     )
+    print(
+        f"  server CPU a request: {costs['api/status']:.0f} us a page poll (api/status, once "
+        f"a second), {costs['metrics']:.0f} us a /metrics scrape"
+    )
     print(f"  the page last showed {shown} records in")
     print(f"  load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end")
     if scraper is not None:
@@ -204,6 +222,7 @@ def main() -> int:
         "scrape_period": args.scrape,
         "scrapes": scraper.scrapes if scraper else 0,
         "page_total_in": shown,
+        "server_cpu_us_per_request": costs,
         "load_average": [load_before[0], load_after[0]],
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
