@@ -2,12 +2,14 @@
 whose status page a headless Chromium watches (it polls ``api/status`` once a second), against
 the same server without HTTP, in the same run, in turn.
 
-    python benchmarks/http_overhead.py                  # 7 runs of 3,000,000 records each
-    python benchmarks/http_overhead.py --runs 5 --records 1000000 --scrape 1
+    python benchmarks/http_overhead.py                  # 201 runs of 200,000 records each
+    python benchmarks/http_overhead.py --runs 51 --records 1000000 --scrape 1
 
 Both servers run ``benchmarks/workflows/count.toml`` (every record counted by a processor) as
 the README starts a server; one client pushes ``submit_many`` + ``flush`` and then asks the
-processor for its count, so a run ends when every record has been processed. ``--scrape S``
+processor for its count, so a run ends when every record has been processed. Runs are short
+and alternate between the servers, because throughput on a shared 2-core VM drifts by 2x
+within seconds: pairs of runs a tenth of a second apart see the same drift. ``--scrape S``
 also GETs ``/metrics`` every S seconds during the runs (a Prometheus at its most eager). The
 browser is Debian's chromium with chromium-driver, driven by Selenium (pip install selenium).
 Prints medians and the ratio; writes every run to ``benchmarks/results/http_overhead.json``.
@@ -112,6 +114,12 @@ def request_cost(url: str, pid: int, n: int = 300) -> float:
     return (cpu_seconds(pid) - cpu) * 1e6 / n
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process onto ``cpus``."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
 class Scraper(threading.Thread):
     """GETs ``/metrics`` every ``period`` seconds until stopped."""
 
@@ -130,16 +138,30 @@ class Scraper(threading.Thread):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--records", type=int, default=3_000_000)
+    parser.add_argument("--runs", type=int, default=201)
+    parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--scrape", type=float, help="also GET /metrics every this many seconds")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave CPU placement to the system (default: both servers on the last CPU, "
+        "this client and the browser on the others, so that neither server shares a CPU "
+        "with the browser more than the other)",
+    )
     parser.add_argument("--json", default=str(BENCH / "results" / "http_overhead.json"))
     args = parser.parse_args()
 
     load_before = os.getloadavg()
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = not args.no_pin and len(cpus) > 1
+    if pinned:  # before the servers and the browser start: they inherit it
+        os.sched_setaffinity(0, set(cpus[:-1]))
     plain, _ = start(http=False)
     watched, url = start(http=True)
     assert url is not None
+    if pinned:
+        for server in (plain, watched):
+            pin(server.pid, {cpus[-1]})
     rates: dict[str, list[float]] = {"without": [], "with": []}
     cpu: dict[str, list[float]] = {"without": [], "with": []}
     pids = {"without": plain.pid, "with": watched.pid}
@@ -207,6 +229,8 @@ def main() -> int:
         f"a second), {costs['metrics']:.0f} us a /metrics scrape"
     )
     print(f"  the page last showed {shown} records in")
+    if pinned:
+        print(f"  servers on CPU {cpus[-1]}, this client and the browser on CPU {cpus[:-1]}")
     print(f"  load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end")
     if scraper is not None:
         print(f"  /metrics scraped {scraper.scrapes} times (every {args.scrape} s)")
@@ -224,6 +248,7 @@ def main() -> int:
         "page_total_in": shown,
         "server_cpu_us_per_request": costs,
         "load_average": [load_before[0], load_after[0]],
+        "pinned": pinned,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
