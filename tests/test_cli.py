@@ -218,6 +218,35 @@ def test_record_and_replay(rich: ServerProcess, recording: Path, cli: Any) -> No
     assert [as_json(r) for r in again] == [as_json(r) for r in [*events, b"tail"]]
 
 
+def test_the_record_command(rich: ServerProcess, tmp_path: Path) -> None:
+    path = tmp_path / "cli.jsonl"
+    with subprocess.Popen(
+        [
+            *MZCONNECTOR,
+            "--port",
+            str(rich.port),
+            "--json",
+            *("record", "back", path, "--count", "2"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as recorder:
+        with mzconnector.connect(rich.host, rich.port) as conn:
+            while conn.mim()["Connected Clients"] < 2:  # until the recorder has connected
+                pass
+            conn.submit_many([b"one", b"two"])
+            conn.flush()
+        out, err = recorder.communicate(timeout=30)
+    assert (recorder.returncode, err) == (0, "")
+    assert documents(out.splitlines()) == [{"recorded": 2, "file": str(path)}]
+    entries = documents(path.read_text().splitlines()[1:])
+    assert [e["record"] for e in entries] == [
+        {"_type": "bytes", "data": "b25l"},
+        {"_type": "bytes", "data": "dHdv"},
+    ]
+
+
 def test_replay_keeps_the_original_pace_or_a_multiple(rich: ServerProcess, tmp_path: Path) -> None:
     path = tmp_path / "paced.jsonl"
     start = datetime.datetime(2026, 11, 30, 12, tzinfo=datetime.timezone.utc)
