@@ -46,6 +46,9 @@ Exceptions::
     ├── RecordRefused               records refused (by the server, or here: not encodable, too
     │                               large); ``.errors`` names index, type and field
     ├── NotAccepted (+ TypeError)   ``submit`` of a type this connector does not accept
+    ├── QueryError                  a query failed: ``.code``, ``.template``, ``.parameters``
+    ├── SubscriptionError (+ ValueError)  the server refused a subscription or an operation
+    ├── KvError (+ ValueError)      a key-value map refused a key or a value
     ├── Timeout (+ TimeoutError)    no answer within the timeout
     └── SchemaError (+ ValueError)  a record type declaration that cannot be built
 """
@@ -73,6 +76,7 @@ import time
 import types
 import typing
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
@@ -87,14 +91,19 @@ __all__ = [
     "ConnectionLost",
     "ConnectionRefused",
     "ConnectionRejected",
+    "KvError",
+    "KvMap",
     "LocalProtocolError",
     "MZConnectorError",
     "NotAccepted",
     "ProtocolError",
+    "QueryError",
     "RecordError",
     "RecordRefused",
     "RemoteProtocolError",
     "SchemaError",
+    "Subscription",
+    "SubscriptionError",
     "Timeout",
     "UnloadableObject",
     "connect",
@@ -111,27 +120,42 @@ __protocol__ = [
     "MAX_BATCH_RECORDS",
     "NEED_DATA",
     "Ack",
+    "Answer",
     "ApiModule",
     "Bye",
+    "CancelQuery",
     "Closed",
     "Error",
+    "FieldMismatch",
     "Flush",
     "GetMim",
     "Hello",
+    "KvRequest",
     "Message",
     "Mim",
     "Namespace",
     "Notice",
     "Pickled",
+    "Ping",
+    "Pong",
     "Protocol",
+    "Query",
+    "QueryFailed",
+    "QueryInfo",
+    "QueryReply",
     "RecordCodec",
     "Records",
     "Refuse",
     "Refused",
     "Role",
     "State",
+    "SubAck",
+    "SubRecords",
+    "Subscribe",
+    "SubscriptionControl",
     "Welcome",
     "api_exports",
+    "batch_length",
     "build_record_types",
     "decode_problem",
     "encode_frame",
@@ -272,6 +296,34 @@ class SchemaError(MZConnectorError, ValueError):
     """A record type declaration that cannot be turned into a record class."""
 
 
+class QueryError(MZConnectorError):
+    """A query ended with an error: a short ``code`` (``"bad-request"``, ``"bad-reply"``,
+    ``"unknown-query"``, ``"processor-error"``, or one of the workflow's own), the message
+    ``template`` with ``{0}``-style placeholders, its ``parameters``, and the formatted
+    ``message`` (what ``str(err)`` shows)."""
+
+    def __init__(self, code: str, template: str, parameters: Iterable[Any] = ()) -> None:
+        self.code = code
+        self.template = template
+        self.parameters = list(parameters)
+        try:
+            self.message = template.format(*self.parameters)
+        except (IndexError, KeyError, ValueError):  # a template that does not fit its values
+            self.message = f"{template} {self.parameters}"
+        super().__init__(self.message)
+
+    def __repr__(self) -> str:
+        return f"QueryError(code={self.code!r}, message={self.message!r})"
+
+
+class SubscriptionError(MZConnectorError, ValueError):
+    """The server refused a subscription, or an operation on one; the message says why."""
+
+
+class KvError(MZConnectorError, ValueError):
+    """A key-value map refused a key or a value; the message says why."""
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Protocol: frames, messages, sans-IO state machine
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +352,21 @@ class Hello(Message):
     name: str = ""
     metadata: dict[str, Any] = {}
     client: str = ""
+    client_id: str = ""  # names the client across connections (durable subscriptions)
+    token: str = ""  # authentication: never shown (see __repr__)
+    session: str = ""  # names this client's session across reconnections (records numbered in it)
+    keepalive: float = 0.0  # seconds: the client pings an idle link, and answers pings
+
+    def __repr__(self) -> str:
+        fields = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f != "token")
+        return f"Hello({', '.join(fields)}{', token=<redacted>' if self.token else ''})"
+
+
+class QueryInfo(msgspec.Struct, array_like=True, frozen=True):
+    """A query the workflow answers: the record types of its request and its replies."""
+
+    request: str
+    reply: str
 
 
 class Welcome(Message):
@@ -313,20 +380,28 @@ class Welcome(Message):
     api: list[ApiModule]
     max_frame_size: int
     server: str = ""
+    queries: dict[str, QueryInfo] = {}
+    routes: list[str] = []  # routes a client can subscribe to: the connector's input routes
+    taps: list[str] = []  # internal routes a client can tap
+    resumed: int = -1  # records of the client's session the server has taken; -1: unknown
+    keepalive: float = 0.0  # seconds: the server pings an idle link (0: it does not)
 
 
 class Refuse(Message):
     """Server -> client, instead of ``Welcome``: the connection is refused. ``code`` is one of
-    ``"limit"``, ``"rejected"``, ``"protocol"``, ``"shutdown"``."""
+    ``"limit"``, ``"rejected"``, ``"protocol"``, ``"shutdown"``, ``"auth"``."""
 
     code: str
     reason: str
 
 
 class Records(Message):
-    """A batch of records, in either direction."""
+    """A batch of records, in either direction. From a client, ``first`` numbers its first
+    record in the client's session (records are numbered from 1; 0: not numbered), so that a
+    batch resent after a reconnection is taken once."""
 
     items: msgspec.Raw
+    first: int = 0
 
 
 class Flush(Message):
@@ -366,6 +441,121 @@ class Notice(Message):
     dropped: int = 0
 
 
+# Conversations: each has an ``id`` the client chose (unique on its connection), so that many
+# interleave with each other and with pushes.
+
+_NIL = msgspec.Raw(b"\xc0")
+
+
+class Query(Message):
+    """Client -> server: ask query ``name`` with an encoded request record."""
+
+    id: int
+    name: str
+    request: msgspec.Raw
+
+
+class CancelQuery(Message):
+    """Client -> server: the client gave up on query ``id`` (timeout, Ctrl-C, closed)."""
+
+    id: int
+
+
+class QueryReply(Message):
+    """Server -> client: replies to query ``id`` (an encoded list of reply records); ``final``
+    when the query is over (complete, or empty if the list is empty)."""
+
+    id: int
+    replies: msgspec.Raw
+    final: bool = False
+
+
+class QueryFailed(Message):
+    """Server -> client: query ``id`` ended with an error: a short ``code``, a message
+    ``template`` with ``{0}``-style placeholders, and its ``parameters``."""
+
+    id: int
+    code: str
+    template: str
+    parameters: list[Any] = []
+
+
+class Subscribe(Message):
+    """Client -> server: subscription ``id`` on ``route`` (see ``Connection.subscribe``)."""
+
+    id: int
+    route: str
+    matcher: dict[str, Any] = {}
+    ack: str = "auto"
+    max_pending: int = 1000
+    durable: str = ""
+    kind: str = "standard"
+    key: str = ""
+    tap: bool = False
+
+
+class SubscriptionControl(Message):
+    """Client -> server: ``op`` is ``"stop"``, ``"start"`` or ``"close"`` subscription ``id``."""
+
+    id: int
+    op: str
+
+
+class SubAck(Message):
+    """Client -> server: acknowledge record ``seq`` of subscription ``id`` (``through``: and
+    every record before it)."""
+
+    id: int
+    seq: int
+    through: bool = False
+
+
+class SubRecords(Message):
+    """Server -> client: records of subscription ``id``, numbered from ``first``; ``dropped``
+    counts the records it missed (it fell behind) since the last of these."""
+
+    id: int
+    first: int
+    items: msgspec.Raw
+    dropped: int = 0
+
+
+class KvRequest(Message):
+    """Client -> server: operation ``op`` (``get``, ``set``, ``remove``, ``items``, ``len``)
+    on key-value map ``map``; ``kind`` names the record type of ``value`` ("" if plain)."""
+
+    id: int
+    map: str
+    op: str
+    key: msgspec.Raw = _NIL
+    kind: str = ""
+    value: msgspec.Raw = _NIL
+
+
+class Answer(Message):
+    """Server -> client: the answer to request ``id`` (a subscription's start or control, a
+    key-value operation): ``error`` if it failed; else ``value`` (encoded, of record type
+    ``kind`` if not "") and whether it was ``found``."""
+
+    id: int
+    error: str = ""
+    found: bool = False
+    kind: str = ""
+    value: msgspec.Raw = _NIL
+
+
+class Ping(Message):
+    """Either side: is the link alive? The peer answers ``Pong`` with the same ``id``."""
+
+    id: int
+
+
+class Pong(Message):
+    """Either side: the answer to ``Ping``."""
+
+    id: int
+
+
 class Bye(Message):
     """Either side: the sender is closing the connection."""
 
@@ -385,7 +575,32 @@ class Pickled(msgspec.Struct, tag="__pickled__", array_like=True):
     data: bytes
 
 
-_MESSAGES = (Hello, Welcome, Refuse, Records, Flush, Ack, Refused, GetMim, Mim, Notice, Bye, Error)
+_MESSAGES = (
+    Hello,
+    Welcome,
+    Refuse,
+    Records,
+    Flush,
+    Ack,
+    Refused,
+    GetMim,
+    Mim,
+    Notice,
+    Query,
+    CancelQuery,
+    QueryReply,
+    QueryFailed,
+    Subscribe,
+    SubscriptionControl,
+    SubAck,
+    SubRecords,
+    KvRequest,
+    Answer,
+    Ping,
+    Pong,
+    Bye,
+    Error,
+)
 _encoder = msgspec.msgpack.Encoder()
 _message_decoder = msgspec.msgpack.Decoder(Union[_MESSAGES])  # type: ignore[valid-type]
 _MESSAGE_TYPES = {m.__name__: m for m in _MESSAGES}
@@ -466,11 +681,25 @@ _TRANSITIONS: dict[tuple[Role, State, type], tuple[State, State | None]] = {
     (Role.SERVER, State.WELCOME, Welcome): (State.OPEN, State.OPEN),
     (Role.SERVER, State.WELCOME, Refuse): (State.CLOSED, State.CLOSED),
     (Role.SERVER, State.WELCOME, Error): (State.CLOSED, State.CLOSED),
-    **{(Role.CLIENT, State.OPEN, m): (State.OPEN, None) for m in (Records, Flush, GetMim)},
+    **{
+        (Role.CLIENT, State.OPEN, m): (State.OPEN, None)
+        for m in (
+            Records,
+            Flush,
+            GetMim,
+            Query,
+            CancelQuery,
+            Subscribe,
+            SubscriptionControl,
+            SubAck,
+            KvRequest,
+        )
+    },
     **{
         (Role.SERVER, State.OPEN, m): (State.OPEN, None)
-        for m in (Records, Ack, Refused, Mim, Notice)
+        for m in (Records, Ack, Refused, Mim, Notice, QueryReply, QueryFailed, SubRecords, Answer)
     },
+    **{(r, State.OPEN, m): (State.OPEN, None) for r in Role for m in (Ping, Pong)},
     **{(r, State.OPEN, Bye): (State.CLOSED, None) for r in Role},
     **{(r, State.OPEN, Error): (State.CLOSED, State.CLOSED) for r in Role},
 }
@@ -636,19 +865,26 @@ class Protocol:
                 states[receiver] = change[1]
 
 
+def batch_length(items: msgspec.Raw | bytes) -> int:
+    """How many records an encoded batch (a msgpack array) holds, read from its header alone;
+    -1 if it is not an array."""
+    head = memoryview(items)[:5]
+    marker = head[0] if len(head) else 0
+    if 0x90 <= marker <= 0x9F:
+        return marker - 0x90
+    if marker == 0xDC and len(head) >= 3:
+        return int.from_bytes(head[1:3], "big")
+    if marker == 0xDD and len(head) >= 5:
+        return int.from_bytes(head[1:5], "big")
+    return -1
+
+
 def _check_batch(items: msgspec.Raw) -> None:
     """A batch is a msgpack array of at most ``MAX_BATCH_RECORDS`` items: checked from its
     header, before anything in it is decoded, so that the work (and the memory) a frame can
     cost a receiver is bounded by its count as well as its size."""
-    head = memoryview(items)[:5]
-    marker = head[0] if len(head) else 0
-    if 0x90 <= marker <= 0x9F:
-        return  # fixarray: at most 15 items
-    if marker == 0xDC and len(head) >= 3:
-        count = int.from_bytes(head[1:3], "big")
-    elif marker == 0xDD and len(head) >= 5:
-        count = int.from_bytes(head[1:5], "big")
-    else:
+    count = batch_length(items)
+    if count < 0:
         raise RemoteProtocolError("malformed frame: a batch of records must be an array")
     if count > MAX_BATCH_RECORDS:
         raise RemoteProtocolError(
@@ -883,6 +1119,39 @@ def build_record_types(
     return {name: classes[name] for name in schema}
 
 
+#: What encoding a value that msgpack cannot hold raises (an int out of range, a lone surrogate,
+#: a datetime out of range in UTC, an object of another type, a cycle).
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def _encode_problem(value: Any) -> tuple[str, str]:
+    """Where and why ``value`` (one that fails to encode) cannot be encoded: the path of the
+    innermost part that fails (``.balance``, ``.address.zip``, ``.tags[2]``) and the problem,
+    in our words (msgspec's change between its releases)."""
+    parts: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, msgspec.Struct):
+        parts = ((f".{f}", getattr(value, f)) for f in value.__struct_fields__)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        parts = ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        parts = ((f"[{key!r}]", part) for key, item in value.items() for part in (key, item))
+    for step, part in parts:
+        try:
+            _encoder.encode(part)
+        except RecursionError:
+            return step, "nested too deeply (or it contains itself)"
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(part)
+            return step + path, problem
+    if isinstance(value, int):
+        return "", "int out of range (-2**63 to 2**64-1)"
+    if isinstance(value, str):
+        return "", "str that is not valid Unicode (a lone surrogate)"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return "", f"{type(value).__name__} out of range (in UTC: years 1 to 9999)"
+    return "", f"a value of type {type(value).__name__}"
+
+
 class RecordCodec:
     """Encodes and decodes batches of records for one schema."""
 
@@ -929,6 +1198,80 @@ class RecordCodec:
             return (name, None, f"records of type {name!r} are not accepted by this connector")
         field, problem = _record_problem(value, self.types[name])
         return (name, field or None, problem)
+
+    def check(self, value: Any, name: str) -> tuple[Any, bytes]:
+        """A record of type ``name`` made from ``value`` (such a record, or a dict of its
+        fields, converted as msgspec's lax mode does: ``3.0`` fits an int, an ISO string a
+        datetime), checked against its declared types, and its encoding. Raises
+        ``FieldMismatch`` naming the field and the problem, in our words."""
+        cls = self.types[name]
+        if isinstance(value, Mapping):
+            record = self._from_dict(value, name)
+        elif type(value) is cls:
+            record = value
+        else:
+            raise FieldMismatch(
+                name, None, f"expected a {name} record or a dict, got {type(value).__name__}"
+            )
+        try:
+            encoded = _encoder.encode(record)
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(record)
+            problem = f"cannot be encoded: {problem}"
+            raise FieldMismatch(name, path.lstrip(".") or None, problem) from None
+        try:
+            msgspec.msgpack.decode(encoded, type=cls)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            _, field, problem = self.explain(encoded, [name])
+            raise FieldMismatch(name, field, problem) from None
+        return record, encoded
+
+    def _from_dict(self, data: Mapping[str, Any], name: str) -> Any:
+        cls = self.types[name]
+        fields = {f.name: f for f in msgspec.structs.fields(cls)}
+        for key in data:
+            if key not in fields:
+                raise FieldMismatch(name, str(key), f"not a field of {name} ({', '.join(fields)})")
+        for field_name, field in fields.items():
+            if field_name not in data:
+                if field.required:
+                    raise FieldMismatch(name, field_name, "missing")
+                continue
+            value = data[field_name]
+            try:
+                msgspec.convert(_array_form(value, field.type), field.type, strict=False)
+            except msgspec.ValidationError:
+                problem = f"expected {type_name(field.type)}, got {_describe(value)}"
+                raise FieldMismatch(name, field_name, problem) from None
+        return msgspec.convert(_array_form(data, cls), cls, strict=False)
+
+
+def _array_form(value: Any, kind: Any) -> Any:
+    """A value with its records written as dicts of fields, in the form record types convert
+    from (they are array-like: ``[type name, field, ...]``)."""
+    if typing.get_origin(kind) is Union:
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+    if isinstance(value, Mapping) and isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        fields = msgspec.structs.fields(kind)
+        tag = kind.__struct_config__.tag or kind.__name__
+        return [tag, *(_array_form(value.get(f.name, f.default), f.type) for f in fields)]
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list and isinstance(value, list):
+        return [_array_form(item, args[0]) for item in value]
+    if origin is dict and isinstance(value, Mapping):
+        return {k: _array_form(item, args[1]) for k, item in value.items()}
+    return value
+
+
+class FieldMismatch(ValueError):
+    """A value that does not fit a record type: the ``type``, the ``field`` (a path, or None)
+    and the ``problem``, in our words."""
+
+    def __init__(self, type_name: str, field: str | None, problem: str) -> None:
+        self.type = type_name
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{type_name}.{field}: {problem}" if field else f"{type_name}: {problem}")
 
 
 _record_parts = msgspec.msgpack.Decoder(Union[bytes, list[msgspec.Raw]])
@@ -1427,6 +1770,7 @@ class _Handshake:
         timeout: float,
         name: str,
         metadata: Mapping[str, Any] | None,
+        client_id: str,
         client: str,
         tls: bool,
         cert_given: bool,
@@ -1439,6 +1783,7 @@ class _Handshake:
             name=name,
             metadata=dict(metadata or {}),
             client=f"{client} (Python {sys.version.split()[0]})",
+            client_id=client_id,
         )
         try:
             self.hello = self.protocol.send(hello)
@@ -1534,39 +1879,6 @@ def _decode_items(decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> list[An
     return items
 
 
-#: What encoding a value that msgpack cannot hold raises (an int out of range, a lone surrogate,
-#: a datetime out of range in UTC, an object of another type, a cycle).
-_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
-
-
-def _encode_problem(value: Any) -> tuple[str, str]:
-    """Where and why ``value`` (one that fails to encode) cannot be encoded: the path of the
-    innermost part that fails (``.balance``, ``.address.zip``, ``.tags[2]``) and the problem,
-    in our words (msgspec's change between its releases)."""
-    parts: Iterable[tuple[str, Any]] = ()
-    if isinstance(value, msgspec.Struct):
-        parts = ((f".{f}", getattr(value, f)) for f in value.__struct_fields__)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        parts = ((f"[{i}]", item) for i, item in enumerate(value))
-    elif isinstance(value, dict):
-        parts = ((f"[{key!r}]", part) for key, item in value.items() for part in (key, item))
-    for step, part in parts:
-        try:
-            _encoder.encode(part)
-        except RecursionError:
-            return step, "nested too deeply (or it contains itself)"
-        except _ENCODE_ERRORS:
-            path, problem = _encode_problem(part)
-            return step + path, problem
-    if isinstance(value, int):
-        return "", "int out of range (-2**63 to 2**64-1)"
-    if isinstance(value, str):
-        return "", "str that is not valid Unicode (a lone surrogate)"
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return "", f"{type(value).__name__} out of range (in UTC: years 1 to 9999)"
-    return "", f"a value of type {type(value).__name__}"
-
-
 class _Ledger:
     """What a client has sent, for acknowledgements and for ``unacknowledged``: the batches
     sent and not yet acknowledged, and the records it refused itself (too large for a frame),
@@ -1659,6 +1971,68 @@ class _Ledger:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Call:
+    """A query in flight, as both clients keep it: the replies that arrived and are not yet
+    handed out, whether the last has come, and the error it ended with."""
+
+    __slots__ = ("done", "error", "id", "name", "replies")
+
+    def __init__(self, call_id: int, name: str) -> None:
+        self.id = call_id
+        self.name = name
+        self.replies: collections.deque[Any] = collections.deque()
+        self.done = False
+        self.error: QueryError | None = None
+
+
+class _SubState:
+    """A subscription, as both clients keep it: the records that arrived and are not yet
+    handed out (with their numbers), and what is owed to the server in acknowledgements."""
+
+    #: In ``ack="auto"`` mode, acknowledge at least every this many records handed out.
+    ACK_EVERY = 64
+
+    def __init__(self, message: Subscribe) -> None:
+        self.message = message
+        self.id = message.id
+        self.inbox: collections.deque[tuple[int, Any]] = collections.deque()
+        self.dropped = 0
+        self.closed: str | None = None
+        self.unacked: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.acked = 0  # the last number acknowledged (ack="auto")
+
+    def hand_out(self) -> tuple[Any, SubAck | None]:
+        """The next record, and the acknowledgement to send for it now (if any)."""
+        seq, record = self.inbox.popleft()
+        ack = self.message.ack
+        if ack == "client":
+            self.unacked[seq] = record
+        elif ack == "auto" and (not self.inbox or seq - self.acked >= self.ACK_EVERY):
+            self.acked = seq
+            return record, SubAck(self.id, seq, through=True)
+        return record, None
+
+    def ack(self, record: Any, through: bool) -> SubAck:
+        """The acknowledgement of a record handed out (``through``: and all before it)."""
+        if self.message.ack != "client":
+            raise SubscriptionError(
+                f"this subscription acknowledges by itself (ack={self.message.ack!r}); "
+                "subscribe with ack='client' to acknowledge records"
+            )
+        seq = next((s for s, held in self.unacked.items() if held is record), None)
+        if seq is None:
+            raise SubscriptionError("that record is not one this subscription is waiting for")
+        if through:
+            while self.unacked and next(iter(self.unacked)) <= seq:
+                self.unacked.popitem(last=False)
+        else:
+            del self.unacked[seq]
+        return SubAck(self.id, seq, through=through)
+
+
+_NOTHING = object()  # what a key-value map holds under a key that is not there
+
+
 class _ClientBase:
     """What the blocking and the async connection share, without I/O or locks: the record
     types and API modules the server announced, what it accepts, the ledger of what was sent,
@@ -1689,6 +2063,22 @@ class _ClientBase:
         self.dropped = 0
         self.api = Namespace("API", {})
         self.api_modules: dict[str, types.ModuleType] = {}
+        # Conversations: queries, subscriptions and key-value requests, each with an id.
+        self._ids = itertools.count(1)
+        self._query_types = {
+            name: (self._codec.types[q.request], self._codec.types[q.reply])
+            for name, q in welcome.queries.items()
+        }
+        self.queries = Namespace(
+            "queries", {name: self._query_function(name) for name in self._query_types}
+        )
+        #: Routes this client can subscribe to, and internal routes it can tap.
+        self.routes = tuple(welcome.routes)
+        self.taps = tuple(welcome.taps)
+        self._calls: dict[int, _Call] = {}
+        self._subs: dict[int, _SubState] = {}
+        self._answers: dict[int, Answer | None] = {}  # awaited: None until it arrives
+        self._cancels: list[int] = []  # queries given up on, to tell the server
 
     def __repr__(self) -> str:
         state = f"closed: {self._closed}" if self._closed else "open"
@@ -1735,6 +2125,25 @@ class _ClientBase:
             self._omitted += event.omitted
         elif isinstance(event, Mim):
             self._mim_replies.append(event.values)
+        elif isinstance(event, QueryReply):
+            call = self._calls.get(event.id)
+            if call is not None:  # else: given up on (cancelled)
+                call.replies.extend(_decode_items(self._decoder, event.replies))
+                call.done = event.final
+        elif isinstance(event, QueryFailed):
+            call = self._calls.get(event.id)
+            if call is not None:
+                call.error = QueryError(event.code, event.template, event.parameters)
+                call.done = True
+        elif isinstance(event, SubRecords):
+            state = self._subs.get(event.id)
+            if state is not None:
+                items = _decode_items(self._decoder, event.items)
+                state.inbox.extend(zip(itertools.count(event.first), items))
+                state.dropped += event.dropped
+        elif isinstance(event, Answer):
+            if event.id in self._answers:
+                self._answers[event.id] = event
         elif isinstance(event, Notice):
             self.dropped += event.dropped
             warnings.warn(f"mzconnector: {event.message}", RuntimeWarning, stacklevel=1)
@@ -1748,6 +2157,137 @@ class _ClientBase:
             self._mark_closed("the server closed the connection")
             return True
         return False
+
+    # -- conversations: what both clients share, without I/O --------------------------------
+    def _query_function(self, name: str) -> Callable[..., Any]:
+        """``conn.queries.<name>(request, timeout=None)``: ``conn.query(name, ...)``, with a
+        docstring that shows the request and reply types (``help()``)."""
+        request, reply = self._query_types[name]
+
+        def ask(request: Any, *, timeout: float | None = None) -> Any:
+            return self.query(name, request, timeout=timeout)  # type: ignore[attr-defined]
+
+        ask.__name__ = ask.__qualname__ = name
+
+        def fields(cls: type) -> str:
+            described = (f"{f.name}: {type_name(f.type)}" for f in msgspec.structs.fields(cls))
+            return ", ".join(described)
+
+        ask.__doc__ = (
+            f"Query {name!r}: asks with a {request.__name__} ({fields(request)}) and is "
+            f"answered with {reply.__name__} records ({fields(reply)}). Returns an iterator "
+            f"over the replies as they arrive, as conn.query({name!r}, request) does; the "
+            "request may also be a dict of its fields."
+        )
+        ask.request = request  # type: ignore[attr-defined]
+        ask.reply = reply  # type: ignore[attr-defined]
+        return ask
+
+    def _start_query(self, name: str, request: Any) -> tuple[Query, _Call]:
+        """The message that asks a query, checked here first: an unknown name or a request
+        that does not fit its type is a ``QueryError`` before anything is sent."""
+        types_ = self._query_types.get(name)
+        if types_ is None:
+            known = ", ".join(self._query_types) or "none"
+            raise QueryError("unknown-query", "no query {0} (queries: {1})", [name, known])
+        try:
+            _, encoded = self._codec.check(request, types_[0].__name__)
+        except FieldMismatch as exc:
+            where = f"{exc.type}.{exc.field}" if exc.field else exc.type
+            raise QueryError(
+                "bad-request", "the request does not match {0}: {1}", [where, exc.problem]
+            ) from None
+        call = _Call(next(self._ids), name)
+        self._calls[call.id] = call
+        return Query(call.id, name, msgspec.Raw(encoded)), call
+
+    def _start_subscription(
+        self,
+        route: str,
+        matcher: Mapping[str, Any] | None,
+        ack: str,
+        max_pending: int,
+        durable: str | None,
+        kind: str,
+        key: str | None,
+        tap: bool,
+    ) -> tuple[Subscribe, _SubState]:
+        known = self.taps if tap else self.routes
+        if route not in known:
+            what = "tapped (tap_routes)" if tap else "subscribed to (the input routes)"
+            raise SubscriptionError(
+                f"route {route!r} cannot be {what}; these can: {', '.join(known) or 'none'}"
+            )
+        if matcher is not None and not isinstance(matcher, Mapping):
+            raise SubscriptionError(f"a matcher is a dict of field -> value, not {matcher!r}")
+        message = Subscribe(
+            next(self._ids),
+            route,
+            dict(matcher or {}),
+            ack=ack,
+            max_pending=max_pending,
+            durable=durable or "",
+            kind=kind,
+            key=key or "",
+            tap=tap,
+        )
+        state = _SubState(message)
+        self._subs[state.id] = state  # before the answer: its records may follow at once
+        self._answers[message.id] = None
+        return message, state
+
+    def _subscribed(self, state: _SubState, answer: Answer) -> None:
+        if answer.error:
+            del self._subs[state.id]
+            raise SubscriptionError(answer.error)
+
+    def _abandon(self, call: _Call) -> None:
+        """A query's replies were dropped unread: cancel it with the next message sent."""
+        if self._calls.pop(call.id, None) is not None and not call.done:
+            self._cancels.append(call.id)
+
+    def _start_request(self) -> int:
+        """An id for a request whose ``Answer`` will be awaited."""
+        request_id = next(self._ids)
+        self._answers[request_id] = None
+        return request_id
+
+    def _take_answer(self, request_id: int) -> Answer:
+        answer = self._answers.pop(request_id)
+        assert answer is not None
+        return answer
+
+    def _kv_request(self, name: str, op: str, key: Any = None, value: Any = None) -> KvRequest:
+        if op in ("get", "set", "remove") and type(key) not in (str, int):
+            raise KvError(f"a key is a string or an integer, not a {type(key).__name__}")
+        kind = self._codec.by_class.get(type(value), "")
+        try:
+            encoded_key = _encoder.encode(key)
+            encoded = _encoder.encode(value)
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(value)
+            raise KvError(f"cannot store this value{path}: {problem}") from None
+        return KvRequest(
+            self._start_request(), name, op, msgspec.Raw(encoded_key), kind, msgspec.Raw(encoded)
+        )
+
+    def _kv_result(self, request: KvRequest, answer: Answer) -> Any:
+        """What a key-value request found (``_NOTHING`` for a key that is not there)."""
+        if answer.error:
+            raise KvError(f"map {request.map!r}: {answer.error}")
+        op = request.op
+        if op == "get":
+            return self._kv_value(answer.kind, answer.value) if answer.found else _NOTHING
+        if op == "items":
+            pairs = msgspec.msgpack.decode(answer.value, type=list[tuple[Any, str, msgspec.Raw]])
+            return [(key, self._kv_value(kind, value)) for key, kind, value in pairs]
+        if op == "len":
+            return msgspec.msgpack.decode(answer.value, type=int)
+        return answer.found
+
+    def _kv_value(self, kind: str, value: msgspec.Raw) -> Any:
+        cls = self._codec.types.get(kind) if kind else None
+        return msgspec.msgpack.decode(value, type=cls) if cls else msgspec.msgpack.decode(value)
 
     def _mark_closed(self, reason: str) -> None:
         if self._closed is None:
@@ -2076,6 +2616,8 @@ class Connection(_ClientBase):
         with self._send_lock:
             self._send_buffer()
             try:
+                while self._cancels:
+                    self._transport.send(self._protocol.send(CancelQuery(self._cancels.pop())))
                 self._transport.send(self._protocol.send(message))
             except OSError as exc:
                 self._mark_closed(f"lost the connection while sending: {exc}")
@@ -2200,6 +2742,95 @@ class Connection(_ClientBase):
             self._check()
         with self._cond:
             return MimValues(self._mim_replies.popleft())
+
+    # -- conversations ----------------------------------------------------------------------
+    def query(self, name: str, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
+        """Ask query ``name`` (see ``conn.queries``) with ``request`` (a record of its request
+        type, or a dict of its fields); returns an iterator over the replies as they arrive.
+        ``timeout`` (seconds, None: no limit) bounds the whole query. Leaving the iteration
+        early, a timeout or Ctrl-C cancels the query on the server. Raises ``QueryError``:
+        at once for an unknown query or a request that does not fit its type (nothing is
+        sent), or when the workflow answers with an error."""
+        message, call = self._start_query(name, request)
+        self._check()
+        self._send_message(message)
+        replies = self._replies(call, timeout)
+        weakref.finalize(replies, self._abandon, call)
+        return replies
+
+    def query_one(self, name: str, request: Any, *, timeout: float | None = None) -> Any:
+        """Ask query ``name`` and return its one reply; ``QueryError`` if it gives none or
+        more than one."""
+        replies = list(self.query(name, request, timeout=timeout))
+        if len(replies) != 1:
+            raise QueryError("not-one", "query {0} gave {1} replies, not one", [name, len(replies)])
+        return replies[0]
+
+    def _replies(self, call: _Call, timeout: float | None) -> Iterator[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                if call.replies:
+                    yield call.replies.popleft()
+                    continue
+                if call.done:
+                    break
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._wait(
+                    lambda: bool(call.replies) or call.done,
+                    remaining,
+                    lambda: Timeout(f"query {call.name!r}: no answer within {timeout} s"),
+                )
+            if call.error is not None:
+                raise call.error
+        finally:
+            if self._calls.pop(call.id, None) is not None and not call.done:
+                with contextlib.suppress(ConnectionClosed):
+                    self._send_message(CancelQuery(call.id))
+
+    def subscribe(
+        self,
+        route: str,
+        matcher: Mapping[str, Any] | None = None,
+        *,
+        ack: str = "auto",
+        max_pending: int = 1000,
+        durable: str | None = None,
+        type: str = "standard",  # the contract's name, though it shadows a builtin
+        key: str | None = None,
+        tap: bool = False,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """A ``Subscription`` to ``route`` (one of ``conn.routes``, or with ``tap=True`` one
+        of ``conn.taps``): the records the workflow sends on it that match ``matcher`` (a
+        dict of field -> value; see the README). Raises ``SubscriptionError`` naming what the
+        server refused."""
+        message, state = self._start_subscription(
+            route, matcher, ack, max_pending, durable, type, key, tap
+        )
+        self._subscribed(state, self._request(message, timeout))
+        return Subscription(self, state)
+
+    def kv(self, name: str) -> KvMap:
+        """The shared key-value map ``name`` (the one processors use as ``ctx.kv(name)``)."""
+        return KvMap(self, name)
+
+    def _request(
+        self, message: Subscribe | SubscriptionControl | KvRequest, timeout: float | None
+    ) -> Answer:
+        """Send a request and wait for its ``Answer`` (at most ``timeout`` s, None: the
+        connect ``timeout``; then the connection is taken for lost)."""
+        self._check()
+        if message.id not in self._answers:
+            self._answers[message.id] = None
+        self._send_message(message)
+        limit = self.timeout if timeout is None else timeout
+        self._wait(
+            lambda: self._answers.get(message.id) is not None,
+            limit,
+            lambda: self._give_up(f"no answer from the server within {limit} s"),
+        )
+        return self._take_answer(message.id)
 
     # -- reading (see _ReadTurn) ------------------------------------------------------------
     def _wait(
@@ -2330,6 +2961,166 @@ class Connection(_ClientBase):
         self._turn.dispose()
 
 
+class Subscription:
+    """A subscription (``conn.subscribe``): iterate it (``for record in sub``), or
+    ``sub.receive(timeout=None)``. ``stop()`` pauses delivery and ``start()`` resumes it;
+    ``close()`` ends it, and any iteration of it. With ``ack="client"``, acknowledge records
+    with ``ack(record)`` or ``ack_all(record)``: the server sends at most ``max_pending``
+    unacknowledged records. ``dropped`` counts records it missed because it fell behind."""
+
+    def __init__(self, conn: Connection, state: _SubState) -> None:
+        self._conn = conn
+        self._state = state
+        message = state.message
+        self.route = message.route
+        self.matcher = dict(message.matcher)
+        self.ack_mode = message.ack
+        self.durable = message.durable or None
+        self.tap = message.tap
+
+    def __repr__(self) -> str:
+        what = "tap" if self.tap else "subscription"
+        state = f"closed: {self._state.closed}" if self._state.closed else "open"
+        return f"<mzconnector.Subscription {what} on {self.route!r} {self.matcher} ({state})>"
+
+    @property
+    def dropped(self) -> int:
+        return self._state.dropped
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed is not None
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next record; waits at most ``timeout`` seconds (forever if None), then raises
+        ``Timeout``. Raises ``SubscriptionError`` once the subscription is closed."""
+        conn, state = self._conn, self._state
+        if not state.inbox:
+            if state.closed is None:
+                conn._wait(
+                    lambda: bool(state.inbox) or state.closed is not None,
+                    timeout,
+                    lambda: Timeout(
+                        f"subscription on {self.route!r}: no record within {timeout} s"
+                    ),
+                )
+            if not state.inbox:
+                raise SubscriptionError(f"the subscription is closed: {state.closed}")
+        with conn._cond:
+            record, ack = state.hand_out()
+        if ack is not None:
+            conn._send_message(ack)
+        return record
+
+    def __iter__(self) -> Iterator[Any]:
+        """The records as they arrive, until the subscription or the connection closes."""
+        while True:
+            try:
+                yield self.receive()
+            except (SubscriptionError, ConnectionClosed):
+                return
+
+    def ack(self, record: Any) -> None:
+        """Acknowledge one record (``ack="client"``)."""
+        self._conn._send_message(self._state.ack(record, through=False))
+
+    def ack_all(self, record: Any) -> None:
+        """Acknowledge ``record`` and every record handed out before it (``ack="client"``)."""
+        self._conn._send_message(self._state.ack(record, through=True))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Pause delivery (matching records wait on the server; see the README)."""
+        self._control("stop", timeout)
+
+    def start(self, timeout: float | None = None) -> None:
+        """Resume delivery."""
+        self._control("start", timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """End the subscription (and any iteration of it). Safe to call twice."""
+        if self._state.closed is None and not self._conn.closed:
+            self._control("close", timeout)
+        self._state.closed = self._state.closed or "closed by the client"
+        self._conn._subs.pop(self._state.id, None)
+        with self._conn._cond:
+            self._state.inbox.clear()
+            self._conn._cond.notify_all()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _control(self, op: str, timeout: float | None) -> None:
+        if self._state.closed is not None:
+            raise SubscriptionError(f"the subscription is closed: {self._state.closed}")
+        # A control message carries the subscription's id; its answer comes back under it.
+        request = SubscriptionControl(self._state.id, op)
+        answer = self._conn._request(request, timeout)
+        if answer.error:
+            raise SubscriptionError(answer.error)
+
+
+class KvMap:
+    """A shared key-value map (``conn.kv(name)``): ``get``, ``set``, ``remove``, ``items``,
+    ``keys``, and the dict forms (``m[key]``, ``m[key] = v``, ``del m[key]``, ``key in m``,
+    ``len(m)``; a missing key is a ``KeyError``). Keys are strings or integers; values are
+    declared records or plain values (None, bools, numbers, strings, bytes, lists, dicts,
+    datetimes). Every call asks the server: what another connection or a processor changed
+    is seen at the next call."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self._conn = conn
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<mzconnector.KvMap {self.name!r}>"
+
+    def _do(self, op: str, key: Any = None, value: Any = None) -> Any:
+        request = self._conn._kv_request(self.name, op, key, value)
+        return self._conn._kv_result(request, self._conn._request(request, None))
+
+    def get(self, key: str | int, default: Any = None) -> Any:
+        value = self._do("get", key)
+        return default if value is _NOTHING else value
+
+    def set(self, key: str | int, value: Any) -> None:
+        self._do("set", key, value)
+
+    def remove(self, key: str | int) -> bool:
+        """Remove ``key``; whether it was there."""
+        return bool(self._do("remove", key))
+
+    def items(self) -> list[tuple[Any, Any]]:
+        return list(self._do("items"))
+
+    def keys(self) -> list[Any]:
+        return [key for key, _ in self.items()]
+
+    def __getitem__(self, key: str | int) -> Any:
+        value = self._do("get", key)
+        if value is _NOTHING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str | int, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str | int) -> None:
+        if not self.remove(key):
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return self._do("get", key) is not _NOTHING
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return int(self._do("len"))
+
+
 def _progress_bar(records: Iterable[Any]) -> Any:
     """A tqdm bar for ``submit_many(progress=True)`` (tqdm is imported only then)."""
     try:
@@ -2352,6 +3143,7 @@ def connect(
     timeout: float = 10.0,
     name: str = "",
     metadata: Mapping[str, Any] | None = None,
+    client_id: str = "",
     tls: bool | ssl.SSLContext = False,
     cafile: str | None = None,
     certfile: str | None = None,
@@ -2363,9 +3155,10 @@ def connect(
     """Connect to a connector server and return the open ``Connection``.
 
     ``timeout`` bounds the connect and handshake, and is the default for ``flush`` and ``mim``.
-    ``name`` and ``metadata`` are shown to the workflow. ``tls=True`` (or an ``SSLContext``)
-    connects over TLS, verifying the server against ``cafile`` (or the system store);
-    ``certfile``/``keyfile`` present a client certificate.
+    ``name`` and ``metadata`` are shown to the workflow; ``client_id`` names this client
+    across connections (its durable subscriptions wait for it while it is away).
+    ``tls=True`` (or an ``SSLContext``) connects over TLS, verifying the server against
+    ``cafile`` (or the system store); ``certfile``/``keyfile`` present a client certificate.
     """
     context = _tls_context(tls, cafile, certfile, keyfile)
     handshake = _Handshake(
@@ -2374,6 +3167,7 @@ def connect(
         timeout=timeout,
         name=name,
         metadata=metadata,
+        client_id=client_id,
         client=f"mzconnector {__version__}",
         tls=context is not None,
         cert_given=bool(certfile),
@@ -2560,7 +3354,7 @@ def _python_value(value: Any, pd: Any) -> Any:
 # anyio (asyncio and trio); without it, on asyncio streams. anyio is imported only here, and
 # only when it is installed.
 
-__all__ += ["AsyncConnection", "connect_async"]
+__all__ += ["AsyncConnection", "AsyncKvMap", "AsyncSubscription", "connect_async"]
 
 
 def _import_anyio() -> Any:
@@ -2731,6 +3525,7 @@ async def connect_async(
     timeout: float = 10.0,
     name: str = "",
     metadata: Mapping[str, Any] | None = None,
+    client_id: str = "",
     tls: bool | ssl.SSLContext = False,
     cafile: str | None = None,
     certfile: str | None = None,
@@ -2758,6 +3553,7 @@ async def connect_async(
         timeout=timeout,
         name=name,
         metadata=metadata,
+        client_id=client_id,
         client=f"mzconnector {__version__} async",
         tls=context is not None,
         cert_given=bool(certfile),
@@ -2927,6 +3723,8 @@ class AsyncConnection(_ClientBase):
                     continue
                 self._protocol.send_records(frames)
                 await self._send_data(frames[0] if len(frames) == 1 else b"".join(frames))
+            while self._cancels:
+                await self._send_data(self._protocol.send(CancelQuery(self._cancels.pop())))
             if message is not None:
                 await self._send_data(self._protocol.send(message))
 
@@ -3073,6 +3871,94 @@ class AsyncConnection(_ClientBase):
             return False
         return self._apply(event)
 
+    # -- conversations ----------------------------------------------------------------------
+    def query(self, name: str, request: Any, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Ask query ``name`` with ``request``: ``async for reply in conn.query(...)``. As
+        ``Connection.query``: a ``QueryError`` at once for an unknown query or a request that
+        does not fit; ``timeout`` bounds the whole query; leaving early cancels it."""
+        message, call = self._start_query(name, request)
+        self._check()
+        return self._replies(message, call, timeout)
+
+    async def query_one(self, name: str, request: Any, *, timeout: float | None = None) -> Any:
+        """Ask query ``name`` and return its one reply; ``QueryError`` if it gives none or
+        more than one."""
+        replies = [reply async for reply in self.query(name, request, timeout=timeout)]
+        if len(replies) != 1:
+            raise QueryError("not-one", "query {0} gave {1} replies, not one", [name, len(replies)])
+        return replies[0]
+
+    async def _replies(
+        self, message: Query, call: _Call, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            await self._send(message)
+            while True:
+                if call.replies:
+                    yield call.replies.popleft()
+                    continue
+                if call.done:
+                    break
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await self._within(
+                    remaining,
+                    lambda: self._until(lambda: bool(call.replies) or call.done),
+                    lambda: Timeout(f"query {call.name!r}: no answer within {timeout} s"),
+                )
+            if call.error is not None:
+                raise call.error
+        finally:
+            if self._calls.pop(call.id, None) is not None and not call.done:
+                self._cancels.append(call.id)
+                # Told now if this task may still await; else with the next message sent.
+                with contextlib.suppress(Exception):
+                    await self._send()
+
+    async def subscribe(
+        self,
+        route: str,
+        matcher: Mapping[str, Any] | None = None,
+        *,
+        ack: str = "auto",
+        max_pending: int = 1000,
+        durable: str | None = None,
+        type: str = "standard",  # the contract's name, though it shadows a builtin
+        key: str | None = None,
+        tap: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncSubscription:
+        """``await conn.subscribe(...)``: an ``AsyncSubscription``; see
+        ``Connection.subscribe``."""
+        message, state = self._start_subscription(
+            route, matcher, ack, max_pending, durable, type, key, tap
+        )
+        self._subscribed(state, await self._request(message, timeout))
+        return AsyncSubscription(self, state)
+
+    def kv(self, name: str) -> AsyncKvMap:
+        """The shared key-value map ``name``, with awaited methods (``AsyncKvMap``)."""
+        return AsyncKvMap(self, name)
+
+    async def _request(
+        self, message: Subscribe | SubscriptionControl | KvRequest, timeout: float | None
+    ) -> Answer:
+        """Send a request and wait for its ``Answer`` (at most ``timeout`` s, None: the
+        connect ``timeout``; then the connection is taken for lost)."""
+        self._check()
+        if message.id not in self._answers:
+            self._answers[message.id] = None
+        limit = self.timeout if timeout is None else timeout
+
+        async def answered() -> None:
+            await self._send(message)
+            await self._until(lambda: self._answers.get(message.id) is not None)
+
+        await self._within(
+            limit, answered, lambda: self._give_up(f"no answer from the server within {limit} s")
+        )
+        return self._take_answer(message.id)
+
     # -- closing ----------------------------------------------------------------------------
     async def aclose(self, timeout: float | None = None) -> None:
         """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
@@ -3099,14 +3985,146 @@ class AsyncConnection(_ClientBase):
             await self._stream.aclose()
 
 
+class AsyncSubscription:
+    """A subscription of the async client (``await conn.subscribe(...)``): ``async for record
+    in sub``, ``await sub.receive(timeout=None)``, and ``await`` for ``stop``, ``start``,
+    ``close``, ``ack`` and ``ack_all``; otherwise as ``Subscription``."""
+
+    def __init__(self, conn: AsyncConnection, state: _SubState) -> None:
+        self._conn = conn
+        self._state = state
+        message = state.message
+        self.route = message.route
+        self.matcher = dict(message.matcher)
+        self.ack_mode = message.ack
+        self.durable = message.durable or None
+        self.tap = message.tap
+
+    def __repr__(self) -> str:
+        what = "tap" if self.tap else "subscription"
+        state = f"closed: {self._state.closed}" if self._state.closed else "open"
+        return f"<mzconnector.AsyncSubscription {what} on {self.route!r} ({state})>"
+
+    @property
+    def dropped(self) -> int:
+        return self._state.dropped
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed is not None
+
+    async def receive(self, timeout: float | None = None) -> Any:
+        """The next record; ``Timeout`` after ``timeout`` seconds (forever if None);
+        ``SubscriptionError`` once the subscription is closed."""
+        conn, state = self._conn, self._state
+        if not state.inbox and state.closed is None:
+            await conn._within(
+                timeout,
+                lambda: conn._until(lambda: bool(state.inbox) or state.closed is not None),
+                lambda: Timeout(f"subscription on {self.route!r}: no record within {timeout} s"),
+            )
+        if not state.inbox:
+            raise SubscriptionError(f"the subscription is closed: {state.closed}")
+        record, ack = state.hand_out()
+        if ack is not None:
+            await conn._send(ack)
+        return record
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except (SubscriptionError, ConnectionClosed):
+            raise StopAsyncIteration from None
+
+    async def ack(self, record: Any) -> None:
+        await self._conn._send(self._state.ack(record, through=False))
+
+    async def ack_all(self, record: Any) -> None:
+        await self._conn._send(self._state.ack(record, through=True))
+
+    async def stop(self, timeout: float | None = None) -> None:
+        await self._control("stop", timeout)
+
+    async def start(self, timeout: float | None = None) -> None:
+        await self._control("start", timeout)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """End the subscription (and any iteration of it). Safe to call twice."""
+        if self._state.closed is None and not self._conn.closed:
+            await self._control("close", timeout)
+        self._state.closed = self._state.closed or "closed by the client"
+        self._conn._subs.pop(self._state.id, None)
+        self._state.inbox.clear()
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _control(self, op: str, timeout: float | None) -> None:
+        if self._state.closed is not None:
+            raise SubscriptionError(f"the subscription is closed: {self._state.closed}")
+        # A control message carries the subscription's id; its answer comes back under it.
+        request = SubscriptionControl(self._state.id, op)
+        answer = await self._conn._request(request, timeout)
+        if answer.error:
+            raise SubscriptionError(answer.error)
+
+
+class AsyncKvMap:
+    """A shared key-value map of the async client (``conn.kv(name)``): the methods of
+    ``KvMap``, awaited (``await m.get(key)``, ``await m.set(key, value)``, ``remove``,
+    ``items``, ``keys``, ``contains``, ``length``). The dict forms (``m[key]``) cannot await:
+    they are the blocking map's."""
+
+    def __init__(self, conn: AsyncConnection, name: str) -> None:
+        self._conn = conn
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<mzconnector.AsyncKvMap {self.name!r}>"
+
+    async def _do(self, op: str, key: Any = None, value: Any = None) -> Any:
+        request = self._conn._kv_request(self.name, op, key, value)
+        return self._conn._kv_result(request, await self._conn._request(request, None))
+
+    async def get(self, key: str | int, default: Any = None) -> Any:
+        value = await self._do("get", key)
+        return default if value is _NOTHING else value
+
+    async def set(self, key: str | int, value: Any) -> None:
+        await self._do("set", key, value)
+
+    async def remove(self, key: str | int) -> bool:
+        return bool(await self._do("remove", key))
+
+    async def items(self) -> list[tuple[Any, Any]]:
+        return list(await self._do("items"))
+
+    async def keys(self) -> list[Any]:
+        return [key for key, _ in await self.items()]
+
+    async def contains(self, key: str | int) -> bool:
+        return await self._do("get", key) is not _NOTHING
+
+    async def length(self) -> int:
+        return int(await self._do("len"))
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Command line: mzconnector COMMAND (also python mzconnector.py COMMAND), record and replay
 # ---------------------------------------------------------------------------------------------
 #
 # Commands: mim, types, api, submit TYPE, tail ROUTE, query NAME JSON, smoke, record ROUTE FILE,
-# replay FILE. With --json every output is one JSON document per line, keys sorted, records as
-# objects with a "_type" field, datetimes in ISO 8601, bytes in base64; the same shape is the
-# recording format (JSON lines), so what `tail --json` prints, `submit` and `replay` take.
+# replay FILE; tail and record subscribe to ROUTE (--match: a matcher) or tap it, for as long
+# as they run; query prints each reply as it arrives. With --json every output is one JSON
+# document per line, keys sorted, records as objects with a "_type" field, datetimes in ISO
+# 8601, bytes in base64; the same shape is the recording format (JSON lines), so what
+# `tail --json` prints, `submit` and `replay` take.
 # Exit status (EXIT_*): one code per class of failure; the error goes to stderr in one line
 # (JSON with --json), with any token taken out.
 
@@ -3114,7 +4132,7 @@ __all__ += ["ReplayReport", "main", "record", "replay"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # anything else: the connection closed midway, a file cannot be written, ...
-EXIT_USAGE = 2  # bad arguments or input (an unknown type, a line that is not JSON)
+EXIT_USAGE = 2  # bad arguments or input (an unknown type or query, JSON, a matcher)
 EXIT_CONNECT = 3  # cannot connect (no server there, TLS, handshake, an API module)
 EXIT_REFUSED = 4  # refused: the connection (limit, workflow, authentication) or records
 EXIT_PROTOCOL = 5  # protocol error: not an mzconnector server, or one that broke the protocol
@@ -3260,31 +4278,46 @@ def _record_from_json(data: Any, codec: RecordCodec, where: str, *, expected: An
 
 def record(
     conn: Connection,
-    route: str,
+    route: str | Subscription,
     path: str,
     *,
+    matcher: Mapping[str, Any] | None = None,
     max_records: int | None = None,
     seconds: float | None = None,
     format: str | None = None,
 ) -> int:
-    """Write the records that arrive on ``conn`` to ``path``, each with its arrival time, until
-    ``max_records`` have arrived or ``seconds`` have passed (None: until interrupted, e.g. by
-    interrupting the notebook's kernel; what arrived so far is in the file). Returns how many.
+    """Write the records that arrive on ``route`` to ``path``, each with its arrival time,
+    until ``max_records`` have arrived or ``seconds`` have passed (None: until interrupted,
+    e.g. by interrupting the notebook's kernel; what arrived so far is in the file). Returns
+    how many.
 
+    ``route``: one of ``conn.routes`` (subscribed to, with ``matcher``, for the recording),
+    one of ``conn.taps`` (tapped), or a ``Subscription`` made before (it stays open). A server
+    that offers no routes (one without subscriptions) gives what it sends this client.
     ``format``: ``"jsonl"`` (JSON lines, the default) or ``"parquet"`` (the default for a path
-    ending in ``.parquet``; needs pyarrow). ``route`` names what is recorded; until the server
-    offers subscriptions, what arrives is what the workflow sends this client, on any route.
+    ending in ``.parquet``; needs pyarrow).
     """
     kind = _recording_format(path, format)
-    header = {
-        "_recording": _RECORDING,
-        "version": 1,
-        "workflow": conn.workflow,
-        "route": route,
-        "schema": conn._codec.schema,
-        "started": datetime.datetime.now(datetime.timezone.utc),
-    }
-    receive = _incoming(conn, route)
+    with _incoming(conn, route, matcher) as receive:
+        header = {
+            "_recording": _RECORDING,
+            "version": 1,
+            "workflow": conn.workflow,
+            "route": route if isinstance(route, str) else route.route,
+            "schema": conn._codec.schema,
+            "started": datetime.datetime.now(datetime.timezone.utc),
+        }
+        return _record_to(receive, path, kind, header, max_records, seconds)
+
+
+def _record_to(
+    receive: Callable[[float | None], Any],
+    path: str,
+    kind: str,
+    header: dict[str, Any],
+    max_records: int | None,
+    seconds: float | None,
+) -> int:
     deadline = None if seconds is None else time.monotonic() + seconds
     writer = _ParquetWriter(path, header) if kind == "parquet" else _JsonlWriter(path, header)
     count = 0
@@ -3611,35 +4644,95 @@ def _cmd_submit(conn: Connection, args: Any, out: _Output) -> int:
     return EXIT_OK
 
 
-def _incoming(conn: Connection, route: str) -> Callable[[float | None], Any]:
-    """How ``tail`` and ``record`` take what arrives: ``receive(timeout)``. Today: what the
-    workflow sends this client (on any route); with subscriptions, this is where ``route`` (and
-    a matcher, taps) select, by subscribing first."""
-    return conn.receive
+@contextlib.contextmanager
+def _incoming(
+    conn: Connection, route: str | Subscription, matcher: Mapping[str, Any] | None = None
+) -> Iterator[Callable[[float | None], Any]]:
+    """How ``tail`` and ``record`` take what arrives: ``receive(timeout)``. A route of
+    ``conn.routes`` is subscribed to (with ``matcher``), one of ``conn.taps`` tapped, for as
+    long as this lasts; a ``Subscription`` given is used as it is. A server that offers no
+    routes at all (one without subscriptions): what it sends this client."""
+    if isinstance(route, Subscription):
+        if matcher:
+            raise ValueError("a matcher goes to conn.subscribe(), not with a Subscription")
+        yield route.receive
+        return
+    if not conn.routes and not conn.taps:
+        if matcher:
+            raise _UsageError("this server offers no subscriptions: no matcher possible")
+        yield conn.receive
+        return
+    if route not in conn.routes and route not in conn.taps:
+        offered = ", ".join([*conn.routes, *(f"{t} (tap)" for t in conn.taps)])
+        raise _UsageError(f"the server offers no route {route!r} (it offers: {offered})")
+    sub = conn.subscribe(route, matcher, tap=route not in conn.routes)
+    try:
+        yield sub.receive
+    finally:
+        with contextlib.suppress(MZConnectorError):
+            sub.close()
+
+
+def _matcher(args: Any) -> dict[str, Any] | None:
+    import json
+
+    if args.match is None:
+        return None
+    try:
+        matcher = json.loads(args.match)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--match: not JSON: {exc}") from None
+    if not isinstance(matcher, dict):
+        raise _UsageError("--match: expected a JSON object of field -> value")
+    return matcher
 
 
 def _cmd_tail(conn: Connection, args: Any, out: _Output) -> int:
-    receive = _incoming(conn, args.route)
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     count = 0
-    try:
-        while args.count is None or count < args.count:
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                break
-            try:
-                item = receive(wait)
-            except Timeout:
-                break
-            out.emit(_record_json(item), repr(item))
-            count += 1
-    except KeyboardInterrupt:  # the usual way to end a tail
-        pass
+    with _incoming(conn, args.route, _matcher(args)) as receive:
+        try:
+            while args.count is None or count < args.count:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    break
+                try:
+                    item = receive(wait)
+                except Timeout:
+                    break
+                out.emit(_record_json(item), repr(item))
+                count += 1
+        except KeyboardInterrupt:  # the usual way to end a tail
+            pass
     return EXIT_OK
 
 
 def _cmd_query(conn: Connection, args: Any, out: _Output) -> int:
-    raise _UsageError("query needs a client and server with queries (not in this version)")
+    import json
+
+    kinds = conn._query_types.get(args.query)
+    if kinds is None:
+        known = ", ".join(conn._query_types) or "none"
+        raise _UsageError(f"no query {args.query!r} (this server offers: {known})")
+    try:
+        data = json.loads(args.payload)
+        request = _record_from_json(data, conn._codec, "request", expected=kinds[0])
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"the request is not JSON: {exc}") from None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    limit = args.seconds if args.seconds is not None else args.timeout
+    replies = conn.query(args.query, request, timeout=limit)
+    try:
+        for reply in replies:  # each as it arrives
+            out.emit(_record_json(reply), repr(reply))
+    except QueryError as exc:
+        if exc.code in ("unknown-query", "bad-request"):
+            raise _UsageError(str(exc)) from None
+        raise
+    finally:
+        replies.close()  # on Ctrl-C or an error: the server cancels the query
+    return EXIT_OK
 
 
 def _cmd_smoke(conn: Connection, args: Any, out: _Output) -> int:
@@ -3682,6 +4775,7 @@ def _cmd_record(conn: Connection, args: Any, out: _Output) -> int:
             conn,
             args.route,
             args.path,
+            matcher=_matcher(args),
             max_records=args.count,
             seconds=args.seconds,
             format=args.format,
@@ -3828,20 +4922,25 @@ def _parser() -> Any:
     sub = command("submit", "submit records read as JSON lines (stdin or --file)")
     sub.add_argument("type", metavar="TYPE", help='a record type, or "bytes" (base64)')
     sub.add_argument("--file", help="read the records from this file (- = stdin)")
-    sub = command("tail", "print records as they arrive")
-    sub.add_argument("route", metavar="ROUTE", help="the route (today: what the workflow sends)")
+    sub = command("tail", "print records as they arrive on a route")
+    sub.add_argument("route", metavar="ROUTE", help="a route the server offers, or a tap")
+    sub.add_argument("--match", metavar="JSON", help='only records matching {"field": value}')
     sub.add_argument("--count", type=int, help="stop after this many records")
     sub.add_argument("--seconds", type=_positive, help="stop after this many seconds")
-    sub = command("query", "ask the workflow a query (when the server offers queries)")
+    sub = command("query", "ask the workflow a query; print each reply as it arrives")
     sub.add_argument("query", metavar="NAME")
-    sub.add_argument("payload", metavar="JSON")
+    sub.add_argument("payload", metavar="JSON", help="the request: an object of its fields")
+    sub.add_argument(
+        "--seconds", type=_positive, help="the whole query at most (default: --timeout)"
+    )
     sub = command("smoke", "connect, push one record, receive an answer, read MIM, close")
     sub.add_argument("--type", help="the record type to push (default: the first accepted)")
     sub.add_argument(
         "--answer-timeout", type=_positive, default=2.0, help="seconds to wait for an answer (2)"
     )
     sub = command("record", "write records as they arrive to a file, with arrival times")
-    sub.add_argument("route", metavar="ROUTE", help="the route (today: what the workflow sends)")
+    sub.add_argument("route", metavar="ROUTE", help="a route the server offers, or a tap")
+    sub.add_argument("--match", metavar="JSON", help='only records matching {"field": value}')
     sub.add_argument("path", metavar="FILE", help="JSON lines, or Parquet for *.parquet")
     sub.add_argument("--format", choices=["jsonl", "parquet"], help="default: by the file name")
     sub.add_argument("--count", type=int, help="stop after this many records")
@@ -3919,7 +5018,7 @@ def _open(args: Any, token: str | None) -> Connection:
 
 
 def _exit_status(exc: BaseException) -> int:
-    if isinstance(exc, (_UsageError, NotAccepted)):
+    if isinstance(exc, (_UsageError, NotAccepted, SubscriptionError)):
         return EXIT_USAGE
     if isinstance(exc, (ConnectionRefused, ConnectionRejected, RecordRefused)):
         return EXIT_REFUSED

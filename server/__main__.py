@@ -4,6 +4,7 @@ Ctrl-C/SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -14,7 +15,8 @@ import trio
 
 from .app import serve
 from .config import Config, load_config
-from .errors import ServerError
+from .engines import ROLES
+from .errors import ConfigError, ServerError
 
 DEFAULT_WORKFLOW = "echo.toml"
 
@@ -37,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--role",
+        default="all",
+        choices=ROLES,
+        help='with [engine] kind = "nats": run only the connector, or only processors',
+    )
+    parser.add_argument(
+        "--processor",
+        action="append",
+        metavar="NAME",
+        help="with --role worker: run this processor (repeat it; default: every one)",
+    )
     return parser
 
 
@@ -58,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             config = config.replace_connector(**changes)
         if args.http_port is not None:
             config = config.replace_http(port=args.http_port)
-        trio.run(_run, config)
+        if args.processor and args.role != "worker":
+            raise ConfigError(config.source, "", "--processor is for --role worker")
+        unknown = sorted(set(args.processor or ()) - {p.name for p in config.processors})
+        if unknown:
+            raise ConfigError(config.source, "processors", f"no processor named {unknown[0]!r}")
+        trio.run(_run, config, args.role, args.processor)
     except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
         return 130
     except BaseException as exc:
@@ -70,16 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, role: str, processors: list[str] | None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, config)
+            server = await nursery.start(
+                functools.partial(serve, config, role=role, processors=processors)
+            )
             # The first line is a contract (scripts read the address from its end); the HTTP
             # listener and the probe port each get a line of their own after it.
-            print(
-                f"mzserver: workflow {config.workflow!r} listening on {server.host}:{server.port}",
-                flush=True,
-            )
+            if role == "worker":
+                names = processors or [p.name for p in config.processors]
+                print(
+                    f"mzserver: workflow {config.workflow!r} worker running {', '.join(names)}",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"mzserver: workflow {config.workflow!r} listening on "
+                    f"{server.host}:{server.port}",
+                    flush=True,
+                )
             if server.http_url is not None:
                 print(f"mzserver: status page and probes on {server.http_url}", flush=True)
             if server.probe_port is not None:

@@ -21,18 +21,19 @@ the connector accepts, says "stopping" during a graceful stop, and stops last. W
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import trio
 
 from .config import Config
 from .connector import Connector
+from .engines import Engine, open_engine
 from .health import Health, Phase
 from .http import GRACEFUL_TIMEOUT, HttpServer
 from .mim import AssignedMims, MimTable
 from .observe import Observed
 from .probe import serve_probe
-from .routes import RouteTable
 from .workflow import Workflow
 
 log = logging.getLogger("mzserver")
@@ -41,11 +42,21 @@ log = logging.getLogger("mzserver")
 class Server:
     """A running server: where it listens, its MIM values, its health, and ``stop()``."""
 
-    def __init__(self, config: Config, mim: MimTable, addresses: list[Any]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mim: MimTable,
+        addresses: list[Any],
+        *,
+        role: str = "all",
+        health: Health | None = None,
+    ) -> None:
         self.config = config
         self.mim = mim
         self.addresses = addresses
-        self.health = Health()
+        self.role = role
+        self.engine: Engine | None = None
+        self.health = health if health is not None else Health()
         #: The status page's address (``http://host:port/``), with ``[http] port``.
         self.http_url: str | None = None
         #: The TCP probe port, with ``[connector] tcp_probe_port``.
@@ -79,72 +90,105 @@ class Server:
 
 
 async def serve(
-    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    role: str = "all",
+    processors: Collection[str] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the connector and workflow of ``config`` until ``Server.stop()`` (graceful) or
-    cancellation (immediate). Reports the ``Server`` through ``task_status``."""
-    routes = RouteTable()
+    cancellation (immediate). Reports the ``Server`` through ``task_status``.
+
+    ``role`` (with the nats engine): ``"connector"`` runs only the connector, ``"worker"``
+    only the processors named in ``processors`` (None: every one); ``"all"`` runs both.
+    """
     mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
-    connector = Connector(config, routes, mim)
-    listeners = await connector.open_listeners()
-    server = Server(config, mim, [lst.socket.getsockname() for lst in listeners])
-    health = server.health
-    workflow = Workflow(config, routes, mim, control=connector, health=health)
-    http = None
-    if config.http.port is not None:
-        http = HttpServer(config.http, Observed(config, mim, routes, workflow, connector, health))
-        try:
-            await http.open()
-        except BaseException:
-            for listener in listeners:
-                await listener.aclose()
-            raise
-        server.http_url = http.url
-    try:
-        async with trio.open_nursery() as nursery:
-            if http is not None:
-                await nursery.start(http.serve, name="http")
-                log.info("HTTP on %s (/healthz /readyz /metrics)", server.http_url)
-            nursery.start_soon(workflow.run, name="workflow")
-            await nursery.start(connector.serve, listeners)
-            health.set_phase(Phase.READY)
-            probe = config.connector.tcp_probe_port
-            if probe is not None:
-                server.probe_port = await nursery.start(
-                    serve_probe, health, config.connector.host, probe, name="tcp probe"
-                )
-            log.info("workflow %r listening on %s:%d", config.workflow, server.host, server.port)
-            task_status.started(server)
+    async with open_engine(config, mim, role) as engine:
+        connector = None if role == "worker" else Connector(config, engine, mim)
+        control = connector if connector is not None else engine.remote_control()
+        only = () if role == "connector" else processors
+        health = Health()
+        workflow = Workflow(
+            config, engine.routes, mim, control, engine.kv, only=only, health=health
+        )
+        listeners = [] if connector is None else await connector.open_listeners()
+        addresses = [lst.socket.getsockname() for lst in listeners]
+        server = Server(config, mim, addresses, role=role, health=health)
+        server.engine = engine
+        http = None
+        if config.http.port is not None:
+            observed = Observed(config, mim, engine, workflow, connector, health, role=role)
+            http = HttpServer(config.http, observed)
             try:
-                await server._stop.wait()
-                health.set_phase(Phase.STOPPING)
-                await _graceful_stop(config, connector, routes)
+                await http.open()
             except BaseException:
-                # Cancelled: stop at once, including work shielded for a graceful stop.
-                connector.abort()
+                for listener in listeners:
+                    await listener.aclose()
                 raise
+            server.http_url = http.url
+        try:
+            async with trio.open_nursery() as nursery:
+                if http is not None:
+                    await nursery.start(http.serve, name="http")
+                    log.info("HTTP on %s (/healthz /readyz /metrics)", server.http_url)
+                nursery.start_soon(_watch_engine, engine, health, name="engine readiness")
+                nursery.start_soon(workflow.run, name="workflow")
+                await nursery.start(engine.run, connector)
+                if connector is not None:
+                    await nursery.start(connector.serve, listeners)
+                    log.info(
+                        "workflow %r listening on %s:%d", config.workflow, server.host, server.port
+                    )
+                health.set_phase(Phase.READY)
+                probe = config.connector.tcp_probe_port
+                if probe is not None:
+                    server.probe_port = await nursery.start(
+                        serve_probe, health, config.connector.host, probe, name="tcp probe"
+                    )
+                task_status.started(server)
+                try:
+                    await server._stop.wait()
+                    health.set_phase(Phase.STOPPING)
+                    await _graceful_stop(config, connector, engine)
+                except BaseException:
+                    # Cancelled: stop at once, including work shielded for a graceful stop.
+                    if connector is not None:
+                        connector.abort()
+                    raise
+                if http is not None:
+                    http.stop()  # last: /readyz said "stopping" until now
+                    with trio.move_on_after(2 * GRACEFUL_TIMEOUT):
+                        await http.stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
             if http is not None:
-                http.stop()  # last: /readyz said "stopping" until now
-                with trio.move_on_after(2 * GRACEFUL_TIMEOUT):
-                    await http.stopped.wait()
-            nursery.cancel_scope.cancel()
-    finally:
-        if http is not None:
-            http.close_unserved()
-        server._stopped.set()
+                http.close_unserved()
+            server._stopped.set()
 
 
-async def _graceful_stop(config: Config, connector: Connector, routes: RouteTable) -> None:
+async def _watch_engine(engine: Engine, health: Health) -> None:
+    """Keep ``health`` told whether the engine can take records (the NATS engine cannot while
+    its connection to NATS is down); it waits for changes, never polls."""
+    while True:
+        ready, why = engine.ready
+        health.set_engine(ready, why)
+        await engine.wait_ready_changed()
+
+
+async def _graceful_stop(config: Config, connector: Connector | None, engine: Engine) -> None:
     timeout = config.connector.shutdown_timeout
     log.info("stopping: no new connections; finishing what was taken (at most %s s)", timeout)
     with trio.move_on_after(timeout) as scope:
-        connector.stop_accepting()
-        connector.stop_reading()
-        await connector.wait_readers_stopped()
-        await routes.in_flight.wait_idle()
-        connector.drained.set()
-        await connector.wait_closed()
+        if connector is not None:
+            connector.stop_accepting()
+            connector.stop_reading()
+            await connector.wait_readers_stopped()
+        await engine.stop_consuming()
+        if connector is not None:
+            connector.drained.set()
+            await connector.wait_closed()
     if scope.cancelled_caught:
         log.warning("graceful stop did not finish within %s s; closing what is left", timeout)
-        connector.abort()
+        if connector is not None:
+            connector.abort()
     log.info("stopped")

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import tomli
 
 from mzconnector import (
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     ApiModule,
+    QueryInfo,
     RecordCodec,
     SchemaError,
     Welcome,
@@ -34,7 +37,7 @@ from .api_modules import load_api_module
 from .errors import ConfigError
 from .loader import load_entry
 from .mim import BUILTIN_MIMS
-from .tables import ConfigFile, ConnectorTable, HttpTable, TlsTable, convert_table
+from .tables import ConfigFile, ConnectorTable, EngineTable, HttpTable, TlsTable, convert_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,17 @@ class Processor:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuerySpec:
+    """A query clients ask by ``name``: its request travels on ``route`` to a processor, which
+    answers with records of the ``reply`` type."""
+
+    name: str
+    route: str
+    request: type
+    reply: type
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A checked workflow configuration. Make one with ``load_config`` or ``Config.from_dict``."""
 
@@ -66,6 +80,9 @@ class Config:
     api_modules: tuple[ApiModule, ...]
     processors: tuple[Processor, ...]
     ssl_context: ssl.SSLContext | None = None
+    queries: dict[str, QuerySpec] = dataclasses.field(default_factory=dict)
+    kv_path: Path | None = None  # None: the key-value maps live in memory
+    engine: EngineTable = dataclasses.field(default_factory=EngineTable)
     #: What the config was built from (the TOML's structure), for ``replace_connector``.
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     #: ``[http]``: the HTTP listener (health, readiness, metrics, status page), if a port is set.
@@ -99,6 +116,26 @@ class Config:
         if not isinstance(http, Mapping):
             http = {}
         return _build({**self.data, "http": {**http, **changes}}, self.base_dir, self.source)
+
+    def welcome(self, connection_id: int) -> Welcome:
+        """What a client is told when its connection opens."""
+        connector = self.connector
+        return Welcome(
+            protocol=PROTOCOL_VERSION,
+            connection_id=connection_id,
+            workflow=self.workflow,
+            schema=self.schema,
+            accepted=list(connector.accepted_types),
+            api=list(self.api_modules),
+            max_frame_size=connector.max_frame_size,
+            server="mzserver",
+            queries={
+                q.name: QueryInfo(q.request.__name__, q.reply.__name__)
+                for q in self.queries.values()
+            },
+            routes=list(connector.input_routes),
+            taps=list(connector.tap_routes),
+        )
 
     @property
     def routes(self) -> dict[str, str]:
@@ -168,6 +205,8 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         for i, p in enumerate(raw.processors)
     )
     _check_routes(connector, processors, source)
+    queries = _queries(raw, codec, processors, source)
+    engine = _engine(raw, source)
     ssl_context = _ssl_context(connector.tls, base_dir, source)
 
     api_modules = tuple(
@@ -175,9 +214,8 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         for i, ref in enumerate(raw.api.modules)
     )
     _check_api_names(api_modules, source)
-    _check_welcome_fits(raw, api_modules, source)
 
-    return Config(
+    config = Config(
         source=source,
         base_dir=base_dir,
         workflow=raw.workflow.name,
@@ -189,9 +227,14 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         api_modules=api_modules,
         processors=processors,
         ssl_context=ssl_context,
+        queries=queries,
+        kv_path=(base_dir / raw.kv.path) if raw.kv.path else None,
+        engine=engine,
         data=data,
         http=raw.http,
     )
+    _check_welcome_fits(config)
+    return config
 
 
 def _check_ports(connector: ConnectorTable, http: HttpTable, source: str) -> None:
@@ -276,6 +319,74 @@ def _check_routes(
             )
 
 
+def _consumed_by_processors(processors: tuple[Processor, ...]) -> set[str]:
+    return {route for p in processors for route in p.routes}
+
+
+def _queries(
+    raw: ConfigFile, codec: RecordCodec, processors: tuple[Processor, ...], source: str
+) -> dict[str, QuerySpec]:
+    consumed = _consumed_by_processors(processors)
+    for i, route in enumerate(raw.connector.tap_routes):
+        if route not in consumed:
+            raise ConfigError(
+                source,
+                f"connector.tap_routes[{i}]",
+                f"no processor consumes route {route!r}: only routes between processors can be "
+                "tapped (clients subscribe to the connector's input routes)",
+            )
+    queries = {}
+    for name, table in raw.queries.items():
+        for key in ("request", "reply"):
+            type_name = getattr(table, key)
+            if type_name not in codec.types:
+                declared = ", ".join(codec.types) or "none"
+                raise ConfigError(
+                    source,
+                    f"queries.{name}.{key}",
+                    f"unknown record type {type_name!r} (declared: {declared})",
+                )
+        if table.route not in consumed:
+            raise ConfigError(
+                source, f"queries.{name}.route", f"no processor consumes route {table.route!r}"
+            )
+        queries[name] = QuerySpec(
+            name, table.route, codec.types[table.request], codec.types[table.reply]
+        )
+    return queries
+
+
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def _engine(raw: ConfigFile, source: str) -> EngineTable:
+    engine = raw.engine
+    if engine.kind not in ("local", "nats"):
+        raise ConfigError(source, "engine.kind", f"expected 'local' or 'nats', got {engine.kind!r}")
+    if engine.kind == "local":
+        return engine
+    urls = [engine.url] if isinstance(engine.url, str) else engine.url
+    if not urls or not all(u.startswith(("nats://", "tls://")) for u in urls):
+        raise ConfigError(source, "engine.url", f"expected nats:// URLs, got {engine.url!r}")
+    stream = engine.stream or "mz_" + re.sub(r"[^A-Za-z0-9_-]", "_", raw.workflow.name)
+    if not _SUBJECT_TOKEN.match(stream):
+        raise ConfigError(source, "engine.stream", f"{stream!r}: letters, digits, '_' and '-' only")
+    routes = {
+        *raw.connector.input_routes,
+        *raw.connector.output_routes.values(),
+        *(r for p in raw.processors for r in p.routes),
+    }
+    for route in sorted(routes):
+        if not _SUBJECT_TOKEN.match(route) or route.startswith("_"):
+            raise ConfigError(
+                source,
+                "engine.kind",
+                f"route {route!r}: with the nats engine a route is a NATS subject token "
+                "(letters, digits, '_' and '-', not starting with '_')",
+            )
+    return msgspec.structs.replace(engine, stream=stream)
+
+
 def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext | None:
     """The server's TLS context; every file is checked now, not at the first connection."""
     if not tls.enabled:
@@ -321,31 +432,22 @@ def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext |
     return context
 
 
-def _check_welcome_fits(raw: ConfigFile, modules: tuple[ApiModule, ...], source: str) -> None:
+def _check_welcome_fits(config: Config) -> None:
     """Clients learn the schema and the API modules in one frame: it must fit."""
-    welcome = Welcome(
-        protocol=PROTOCOL_VERSION,
-        connection_id=2**62,
-        workflow=raw.workflow.name,
-        schema={name: dict(fields) for name, fields in raw.types.items()},
-        accepted=list(raw.connector.accepted_types),
-        api=list(modules),
-        max_frame_size=raw.connector.max_frame_size,
-        server="mzserver",
-    )
-    size = len(encode_frame(welcome)) - 4 + 64
-    if size > raw.connector.max_frame_size:
+    size = len(encode_frame(config.welcome(2**62))) - 4 + 64
+    limit = config.connector.max_frame_size
+    if size > limit:
         raise ConfigError(
-            source,
+            config.source,
             "connector.max_frame_size",
-            f"{raw.connector.max_frame_size} bytes is too small for the schema and API modules "
+            f"{limit} bytes is too small for the schema and API modules "
             f"clients receive at connect ({size} bytes)",
         )
     # A client learns the frame size from the Welcome itself: until then it takes frames of
     # up to the protocol's default size, whatever max_frame_size says.
     if size > DEFAULT_MAX_FRAME_SIZE:
         raise ConfigError(
-            source,
+            config.source,
             "api.modules",
             f"the schema and API modules clients receive at connect take {size} bytes; a client "
             f"takes at most {DEFAULT_MAX_FRAME_SIZE} bytes before it has connected",

@@ -22,6 +22,9 @@ class ConnectionInfo:
     metadata: dict[str, Any]
     tls_subject: str | None
     connected_at: datetime.datetime
+    #: The connector server the connection is attached to (its instance, with the NATS
+    #: engine; "" with the local one).
+    server: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +71,10 @@ class ConnectionEnded:
 class ConnectionControl(Protocol):
     """What a workflow may do with connections (implemented by the connector)."""
 
-    def decide(self, connection_id: int, accept: bool, reason: str = "") -> None: ...
+    def decide(self, connection: ConnectionInfo, accept: bool, reason: str = "") -> None: ...
 
-    def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None: ...
+    def set_output_route(
+        self, connection: ConnectionInfo | int, type_name: str, route: str | None
+    ) -> None: ...
 
     def connections_info(self) -> list[ConnectionInfo]: ...

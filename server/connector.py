@@ -20,21 +20,22 @@ import msgspec
 import trio
 
 from mzconnector import (
-    PROTOCOL_VERSION,
     LocalProtocolError,
     Pickled,
     Records,
-    Welcome,
+    batch_length,
     encode_record_frames,
 )
 
 from .config import Config
 from .connections import ConnectionInfo
+from .engines import Engine
 from .errors import BindError
 from .mim import MimTable
 from .outbox import Waiting
-from .routes import Batch, OutputRoutes, RouteTable
+from .routes import Batch, OutputRoutes
 from .session import ServerConnection
+from .subscriptions import SubscriptionHub
 
 log = logging.getLogger("mzserver.connector")
 
@@ -51,8 +52,11 @@ _records_frame = msgspec.msgpack.Decoder(Records)
 class Connector:
     """The connector agent: listener, connections, and the consumer of the input routes."""
 
-    def __init__(self, config: Config, routes: RouteTable, mim: MimTable) -> None:
+    def __init__(self, config: Config, engine: Engine, mim: MimTable) -> None:
         self.config = config
+        self.engine = engine
+        self.kv = engine.kv
+        routes = engine.routes
         self.settings = settings = config.connector
         self.routes = routes
         self.mim = mim
@@ -68,21 +72,16 @@ class Connector:
                 for name, route in settings.output_routes.items()
             }
         )
+        self.query_decoders = {
+            name: msgspec.msgpack.Decoder(spec.request) for name, spec in config.queries.items()
+        }
+        self.hub = SubscriptionHub(codec, mim.counters, limit=settings.durable_limit, routes=routes)
         self.record_types = frozenset(codec.types.values())
-        self.wire_types = self.record_types | {bytes}
+        self.wire_types = self.record_types | {bytes, Pickled}
         # What the workflow routes to clients is checked against its declared types before a
         # byte of it is sent: a client's typed decoder would fail on the whole batch.
         self._validator = codec.decoder([*codec.types, "bytes"]) if codec.types else None
-        self.welcome = functools.partial(
-            Welcome,
-            protocol=PROTOCOL_VERSION,
-            workflow=config.workflow,
-            schema=config.schema,
-            accepted=list(accepted),
-            api=list(config.api_modules),
-            max_frame_size=settings.max_frame_size,
-            server="mzserver",
-        )
+        self.welcome = config.welcome
         if not settings.allow_multiple_connections:
             self.limit = 1
         else:
@@ -177,16 +176,20 @@ class Connector:
         return f"the connection limit ({self.limit}) is reached"
 
     # -- what the workflow may do with connections (ConnectionControl) ------------------------
-    def decide(self, connection_id: int, accept: bool, reason: str = "") -> None:
+    def decide(self, connection: ConnectionInfo | int, accept: bool, reason: str = "") -> None:
         """Accept or reject a pending connection request."""
+        connection_id = _id(connection)
         conn = self._sessions.get(connection_id)
         if conn is None:
             raise LookupError(f"no connection request {connection_id} is waiting for a decision")
         conn.decide(accept, reason)
 
-    def set_output_route(self, connection_id: int, type_name: str, route: str | None) -> None:
+    def set_output_route(
+        self, connection: ConnectionInfo | int, type_name: str, route: str | None
+    ) -> None:
         """Send one connection's records of ``type_name`` on ``route`` from its next records
         on (``None``: back to the configured route)."""
+        connection_id = _id(connection)
         conn = self.connections.get(connection_id)
         if conn is None:
             raise LookupError(f"connection {connection_id} is not open")
@@ -204,30 +207,40 @@ class Connector:
     # -- delivering records from the workflow -------------------------------------------------
     async def deliver(self, batch: Batch) -> None:
         """Consumer of the input routes: send a batch to every client, or to the one it names.
-        Each client gets it as soon as its outbox has room; waiting for one that does not read
-        never holds up the others beyond that client's own ``delivery_timeout``, and once it
-        has timed out, records for it are counted undeliverable at once until it reads."""
-        counters = self.mim.counters
-        items, payload = self._wire_items(batch)
-        if not items:
-            return
+        A connection that subscribes to the route gets its records through its subscriptions
+        (and a durable subscription keeps them while its client is away). Each other client
+        gets them as soon as its outbox has room; waiting for one that does not read never
+        holds up the others beyond that client's own ``delivery_timeout``, and once it has
+        timed out, records for it are counted undeliverable at once until it reads."""
+        route = batch.route
         target = batch.connection
         if target is None and self.settings.per_connection_routing and batch.origin is not None:
             target = batch.origin.id
         if target is None:
-            targets = list(self.connections.values())
+            subscribed = self.hub.deliver(route, batch.records)
+            targets = [c for c in self.connections.values() if not c.subscribes(route)]
         else:
             conn = self.connections.get(target)
+            if conn is not None and conn.subscribes(route):
+                conn.offer(route, batch.records)
+                return
+            subscribed = False
             targets = [conn] if conn is not None else []
         if not targets:
-            counters.undeliverable += len(items)
-            whom = "no client is connected" if target is None else f"connection {target} is gone"
-            log.warning(
-                "%d record(s) on route %r are undeliverable: %s", len(items), batch.route, whom
-            )
+            if not subscribed:
+                self.mim.counters.undeliverable += len(batch.records)
+                whom = f"connection {target} is gone" if target else "no client is connected"
+                log.warning(
+                    "%d record(s) on route %r are undeliverable: %s",
+                    len(batch.records),
+                    route,
+                    whom,
+                )
             return
+        items, payload = self._wire_items(batch)
         for chunk in _delivery_chunks(items, payload):
-            frames, count = self._encode(chunk, batch)
+            frames, kept = self._encode(chunk, batch)
+            count = len(kept)
             if not count:
                 continue
             waiting: list[tuple[ServerConnection, Waiting]] = []
@@ -242,6 +255,23 @@ class Connector:
                 async with trio.open_nursery() as nursery:
                     for conn, left in waiting:
                         nursery.start_soon(conn.outbox.put_records_when_room, left)
+
+    def wire(self, records: list[Any], route: str) -> list[tuple[msgspec.Raw, list[Any]]]:
+        """Records as they travel to a subscription: encoded lists of items, each fitting in a
+        frame, with the items each holds (objects that are not records pickled); records that
+        cannot travel are left out, logged and counted (as ``deliver`` does)."""
+        batch = Batch(route, records, None)
+        items, payload = self._wire_items(batch)
+        out = []
+        for chunk in _delivery_chunks(items, payload):
+            frames, kept = self._encode(chunk, batch)
+            start = 0
+            for frame in frames:
+                raw = _records_frame.decode(memoryview(frame)[4:]).items
+                end = start + batch_length(raw)
+                out.append((raw, kept[start:end]))
+                start = end
+        return out
 
     def _wire_items(self, batch: Batch) -> tuple[list[Any], int]:
         """What can travel of a batch: records and bytes as they are, other objects pickled
@@ -267,11 +297,10 @@ class Connector:
                 )
         return items, payload
 
-    def _encode(self, chunk: list[Any], batch: Batch) -> tuple[list[bytearray], int]:
+    def _encode(self, chunk: list[Any], batch: Batch) -> tuple[list[bytearray], list[Any]]:
         """Frames of a chunk of items, checked: a record that does not match its declared type
         is the routing processor's error, and an item too large for any frame is undeliverable;
-        either is left out, logged and counted. Returns the frames and how many items they
-        hold."""
+        either is left out, logged and counted. Returns the frames and the items they hold."""
         limit = self.settings.max_frame_size
         try:
             frames = encode_record_frames(chunk, limit)
@@ -281,7 +310,7 @@ class Connector:
         if self._validator is not None and not self._valid(frames, chunk):
             chunk = self._matching(chunk, batch)
             frames = encode_record_frames(chunk, limit) if chunk else []
-        return frames, len(chunk)
+        return frames, chunk
 
     def _valid(self, frames: list[bytearray], chunk: list[Any]) -> bool:
         validator = self._validator
@@ -377,6 +406,10 @@ def _delivery_chunks(items: list[Any], payload: int) -> Iterator[list[Any]]:
             start, size = i + 1, 0
     if start < len(items):
         yield items[start:]
+
+
+def _id(connection: ConnectionInfo | int) -> int:
+    return connection if isinstance(connection, int) else connection.id
 
 
 def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:

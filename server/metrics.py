@@ -3,7 +3,7 @@
 
 Every family has a ``workflow`` label. The built-in MIMs (README, "MIM values") map to::
 
-    Workflow Name          mzconnector_workflow_info{workflow}                     gauge (1)
+    Workflow Name          mzconnector_workflow_info{workflow,engine,role,instance} gauge (1)
     Started                mzconnector_start_time_seconds                          gauge
     Uptime                 mzconnector_uptime_seconds                              gauge
     Connected Clients      mzconnector_connections_open                            gauge
@@ -13,6 +13,7 @@ Every family has a ``workflow`` label. The built-in MIMs (README, "MIM values") 
     Bytes In / Out         mzconnector_received_bytes_total, mzconnector_sent_bytes_total
     Records Refused        mzconnector_records_refused_total                       counter
     Undeliverable Records  mzconnector_records_undeliverable_total                 counter
+    Unacknowledged Records mzconnector_records_unacknowledged_total                counter
     Processor Errors       mzconnector_processor_errors_total                      counter
 
 Assigned MIMs that hold a number (int, float, bool as 0/1) are ``mzconnector_mim{name=...}``
@@ -21,6 +22,10 @@ gauges (a label, since MIM names are free text); unset ones have no sample. Per 
 (batches waiting in its processor's inbox); per processor: ``mzconnector_processor_records_total``,
 ``..._exceptions_total`` (records on which it raised), ``..._busy_seconds_total``. And
 ``mzconnector_ready`` (1 while ``/readyz`` says ready), plus the library's process metrics.
+
+With the NATS engine the MIM families are the workflow's totals over its live processes
+(every process reports the same totals: aggregate them with ``max``, not ``sum``); the route,
+processor and connection families are this process's.
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ BUILTIN_METRICS: dict[str, tuple[str, bool, str]] = {
         True,
         "Records for clients that could not be delivered.",
     ),
+    "Unacknowledged Records": (
+        "mzconnector_records_unacknowledged",
+        True,
+        "Records delivered to a subscription and never acknowledged.",
+    ),
     "Processor Errors": (
         "mzconnector_processor_errors",
         True,
@@ -83,9 +93,12 @@ class ServerCollector:
         values = {m["name"]: m["value"] for m in status["mim"]}
 
         info = GaugeMetricFamily(
-            "mzconnector_workflow_info", "The workflow this server runs (always 1).", labels=labels
+            "mzconnector_workflow_info",
+            "The workflow this server runs, its engine, this process's role and instance "
+            "(always 1).",
+            labels=[*labels, "engine", "role", "instance"],
         )
-        info.add_metric([workflow], 1)
+        info.add_metric([workflow, status["engine"], status["role"], status["instance"]], 1)
         yield info
         for mim, (name, counter, text) in BUILTIN_METRICS.items():
             value = values[mim]

@@ -27,6 +27,7 @@ BUILTIN_MIMS = (
     "Bytes Out",
     "Records Refused",
     "Undeliverable Records",
+    "Unacknowledged Records",
     "Processor Errors",
 )
 
@@ -44,6 +45,7 @@ class Counters:
         "records_in",
         "records_out",
         "records_refused",
+        "unacknowledged",
         "undeliverable",
     )
 
@@ -60,6 +62,8 @@ class AssignedMims(MutableMapping[str, Any]):
         self._types = dict(declared)
         self._text = dict(declared_text)
         self._values: dict[str, Any] = dict.fromkeys(declared)
+        #: When each was last set (time.time()), so that totals over processes take the last.
+        self.times: dict[str, float] = {}
 
     def __getitem__(self, name: str) -> Any:
         self._known(name)
@@ -76,6 +80,7 @@ class AssignedMims(MutableMapping[str, Any]):
                     f"{type(value).__name__} {value!r}"
                 ) from None
         self._values[name] = value
+        self.times[name] = time.time()
 
     def __delitem__(self, name: str) -> None:
         self[name] = None
@@ -117,6 +122,7 @@ class MimTable:
             c.bytes_out,
             c.records_refused,
             c.undeliverable,
+            c.unacknowledged,
             c.processor_errors,
         )
         values: dict[str, Any] = dict(zip(BUILTIN_MIMS, builtin, strict=True))

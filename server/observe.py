@@ -3,6 +3,10 @@ status page (``/api/status``) and the Prometheus collector (``/metrics``).
 
 Nothing here runs on the hot path: the connector, routes and processors only bump plain
 counters (once per batch); a snapshot reads them when someone asks.
+
+The MIM values are the workflow's, as the engine gives them (``engine.mim_snapshot()``: with the
+NATS engine, the totals of every live process); routes, processors and clients are this
+process's (a worker has no clients, a connector-only process no processors).
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from .health import Health
 from .mim import BUILTIN_MIMS, MimTable
-from .routes import RouteTable
 
 if TYPE_CHECKING:
     from .config import Config
     from .connector import Connector
+    from .engines import Engine
     from .workflow import Workflow
 
 
@@ -27,26 +31,34 @@ class Observed:
         self,
         config: Config,
         mim: MimTable,
-        routes: RouteTable,
+        engine: Engine,
         workflow: Workflow,
-        connector: Connector,
+        connector: Connector | None,
         health: Health,
+        *,
+        role: str = "all",
     ) -> None:
         self.config = config
         self.mim = mim
-        self.routes = routes
+        self.engine = engine
+        self.routes = engine.routes
         self.workflow = workflow
         self.connector = connector
         self.health = health
+        self.role = role
 
     def status(self) -> dict[str, Any]:
         """Everything the status page shows, as plain values (datetimes stay datetimes)."""
-        mim = self.mim.snapshot()
+        mim = self.engine.mim_snapshot()
+        connections = [] if self.connector is None else list(self.connector.connections.values())
         health = self.health
         consumers = self.config.routes
         declared = self.config.mim_declared
         return {
             "workflow": self.config.workflow,
+            "engine": self.engine.kind,
+            "role": self.role,
+            "instance": self.engine.instance,
             "started": self.mim.started_at,
             "uptime": mim["Uptime"],
             "now": datetime.datetime.now(datetime.timezone.utc),
@@ -94,7 +106,7 @@ class Observed:
                     "records_in": conn.records_in,
                     "records_out": conn.outbox.records_out,
                 }
-                for conn in list(self.connector.connections.values())
+                for conn in connections
                 if conn.info is not None
             ],
             "mim": [

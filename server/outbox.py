@@ -52,6 +52,7 @@ class Outbox:
         self._counters = counters
         self._timeout = delivery_timeout
         self._name = name  # "connection 3 from 127.0.0.1:5555", for the log
+        self._size = size
         self._send, self._receive = trio.open_memory_channel[tuple[Any, int]](size)
         # Items queued and not yet written: while any is, nothing may take the direct path.
         self._unsent = 0
@@ -73,6 +74,13 @@ class Outbox:
         except BaseException:
             self._unsent -= 1
             raise
+
+    def put_message_nowait(self, message: Message) -> bool:
+        """Queue a control message if the outbox has room now; False (nothing queued) if not."""
+        if self._send.statistics().current_buffer_used >= self._size:
+            return False
+        self.put_bytes_nowait(self._protocol.send(message))
+        return True
 
     def put_bytes_nowait(self, data: bytearray) -> None:
         """Queue a control frame the protocol has already passed (the Welcome, into the

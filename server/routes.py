@@ -23,6 +23,7 @@ class Batch(NamedTuple):
     origin: ConnectionInfo | None  # the connection the records came from
     connection: int | None = None  # with per-connection routing: the connection they are for
     source: str | None = None  # the processor that routed them (None: the connector)
+    query: Any = None  # the QueryCall whose request this is (a batch of that one record)
 
 
 Target = Callable[[Batch], Awaitable[None]]
@@ -71,8 +72,12 @@ class RouteTable:
 
     def __init__(self) -> None:
         self._targets: dict[str, Target] = {}
+        self.processes: dict[str, Target] = {}
         self.in_flight = InFlight()
         self.stats: dict[str, RouteStats] = {}
+        #: Route -> what taps it (objects with ``offer(records)``, which never block): each
+        #: batch on the route is offered to them before its consumer takes it.
+        self.taps: dict[str, list[Any]] = {}
 
     def __contains__(self, route: object) -> bool:
         return route in self._targets
@@ -81,11 +86,34 @@ class RouteTable:
     def names(self) -> list[str]:
         return sorted(self._targets)
 
-    def bind(self, route: str, target: Target) -> None:
+    def bind(self, route: str, target: Target, *, process: Target | None = None) -> None:
+        """``target`` takes the route's batches; ``process``, if given, is the same consumer
+        returning only once a batch is processed (an engine that acknowledges batches after
+        processing calls it)."""
         if route in self._targets:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
         self.stats[route] = RouteStats()
+        self.processes[route] = process or target
+
+    def count(self, route: str, records: list[Any]) -> None:
+        """One batch of ``records`` sent on ``route``, in its statistics."""
+        stats = self.stats.get(route)
+        if stats is None:
+            stats = self.stats[route] = RouteStats()
+        stats.records += len(records)
+        stats.batches += 1
+
+    def add_tap(self, route: str, tap: Any) -> None:
+        """From now on, offer each batch on ``route`` to ``tap`` too."""
+        self.taps.setdefault(route, []).append(tap)
+
+    def remove_tap(self, route: str, tap: Any) -> None:
+        taps = self.taps.get(route, [])
+        if tap in taps:
+            taps.remove(tap)
+        if not taps:
+            self.taps.pop(route, None)
 
     async def send(
         self,
@@ -94,16 +122,21 @@ class RouteTable:
         origin: ConnectionInfo | None = None,
         connection: int | None = None,
         source: str | None = None,
+        query: Any = None,
+        raw: Any = None,
     ) -> None:
-        """Hand a batch to the route's consumer; waits while the consumer is full."""
+        """Hand a batch to the route's consumer; waits while the consumer is full. ``raw``,
+        if given, is the records already encoded (an engine that sends them on may reuse
+        it)."""
         try:
             target = self._targets[route]
         except KeyError:
             raise UnknownRoute(route) from None
-        stats = self.stats[route]
-        stats.records += len(records)
-        stats.batches += 1
-        await target(Batch(route, records, origin, connection, source))
+        self.count(route, records)
+        if self.taps:
+            for tap in self.taps.get(route, ()):
+                tap.offer(records)
+        await target(Batch(route, records, origin, connection, source, query))
 
 
 class OutputRoutes:

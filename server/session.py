@@ -7,8 +7,10 @@ closes that one only.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -18,26 +20,38 @@ from mzconnector import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Ack,
+    Answer,
     Bye,
+    CancelQuery,
     Closed,
     Error,
     Flush,
     GetMim,
     Hello,
+    KvRequest,
     Message,
     Mim,
     Protocol,
+    Query,
+    QueryFailed,
     RecordError,
     Records,
     Refuse,
     Refused,
     RemoteProtocolError,
     Role,
+    SubAck,
+    Subscribe,
+    SubscriptionControl,
 )
 
 from .connections import ConnectionEnded, ConnectionInfo, ConnectionRequest
+from .kv import kv_answer
+from .matcher import MatcherError
 from .outbox import Outbox
+from .queries import QueryCall
 from .routes import OutputRoutes
+from .subscriptions import Subscription, SubscriptionError
 
 if TYPE_CHECKING:
     from .connector import Connector
@@ -130,6 +144,11 @@ class ServerConnection:
         self._taken = 0
         self._acked = 0
         self.records_in = 0  # records taken from this client (refused ones not counted)
+        self.client_id = ""
+        self._tasks: trio.Nursery | None = None
+        self._queries: dict[int, QueryCall] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._subscribed: collections.Counter[str] = collections.Counter()  # input route -> subs
 
     # -- what others may do with it ---------------------------------------------------------
     def stop_reading(self) -> None:
@@ -150,6 +169,16 @@ class ServerConnection:
     def set_output_route(self, kind: type, route: str) -> None:
         """From its next records on, this connection's records of ``kind`` leave on ``route``."""
         self.output_routes = self.output_routes.replace(kind, route)
+
+    def subscribes(self, route: str) -> bool:
+        """Whether it gets the records of an input route through subscriptions only."""
+        return self._subscribed[route] > 0
+
+    def offer(self, route: str, records: list[Any]) -> None:
+        """Records of an input route routed to this connection: to its subscriptions."""
+        for sub in self._subs.values():
+            if sub.route == route and not sub.tap:
+                sub.offer(records)
 
     # -- the connection's life --------------------------------------------------------------
     async def run(self) -> None:
@@ -176,7 +205,9 @@ class ServerConnection:
                 metadata=hello.metadata,
                 tls_subject=_tls_subject(self.stream),
                 connected_at=datetime.datetime.now(datetime.timezone.utc),
+                server=self.connector.engine.instance,
             )
+            self.client_id = hello.client_id
             if self.settings.connection_control:
                 refusal = await self._ask_workflow()
         if refusal is not None:
@@ -233,12 +264,22 @@ class ServerConnection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.outbox.run)
                 try:
-                    reason, farewell = await self._read_loop()
-                    self.reader_done.set()
-                    await self._tell_workflow_ended(reason)
-                    if self._reading.cancelled_caught:
-                        # The server is stopping: deliver what the workflow still makes.
-                        await self.connector.drained.wait()
+                    # Conversations run their own tasks: subscriptions' deliveries, and
+                    # replies that wait for room in the outbox.
+                    async with trio.open_nursery() as tasks:
+                        self._tasks = tasks
+                        try:
+                            reason, farewell = await self._read_loop()
+                            self.reader_done.set()
+                            await self._tell_workflow_ended(reason)
+                            if self._reading.cancelled_caught:
+                                # The server is stopping: deliver what the workflow still makes.
+                                await self.connector.drained.wait()
+                                for sub in list(self._subs.values()):
+                                    await sub.wait_idle()
+                        finally:
+                            self._end_conversations()
+                            tasks.cancel_scope.cancel()
                 finally:
                     self.connector.closed(self)  # no more records for it
                     self.outbox.close(farewell)
@@ -317,6 +358,117 @@ class ServerConnection:
             except _LOST:
                 pass
 
+    # -- conversations ------------------------------------------------------------------------
+    def _spawn(self, function: Callable[[], Awaitable[None]]) -> None:
+        assert self._tasks is not None
+        self._tasks.start_soon(function)
+
+    async def _query(self, event: Query) -> None:
+        connector = self.connector
+        queries = connector.config.queries
+        spec = queries.get(event.name)
+        failed: QueryFailed | None = None
+        if spec is None:
+            known = ", ".join(queries) or "none"
+            failed = QueryFailed(
+                event.id, "unknown-query", "no query {0} (queries: {1})", [event.name, known]
+            )
+        elif event.id in self._queries:
+            failed = QueryFailed(event.id, "duplicate-id", "query {0} is in flight", [event.id])
+        else:
+            try:
+                request = connector.query_decoders[event.name].decode(event.request)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                name, field, problem = connector.config.codec.explain(
+                    event.request, [spec.request.__name__]
+                )
+                failed = QueryFailed(
+                    event.id,
+                    "bad-request",
+                    "the request does not match {0}: {1}",
+                    [f"{name}.{field}" if field else name, problem],
+                )
+        if failed is not None:
+            await self.outbox.put_message(failed)
+            return
+        assert spec is not None
+        assert self.info is not None
+        call = QueryCall(
+            event.id,
+            spec,
+            self.info,
+            self.outbox,
+            connector.config.codec,
+            max_frame_size=self.settings.max_frame_size,
+            spawn=self._spawn,
+            on_done=lambda done: self._queries.pop(done.id, None),
+        )
+        self._queries[event.id] = call
+        await connector.routes.send(spec.route, [request], self.info, query=call)
+
+    async def _subscribe(self, event: Subscribe) -> None:
+        connector = self.connector
+        settings = self.settings
+        if event.id in self._subs:
+            await self.outbox.put_message(
+                Answer(event.id, error=f"subscription {event.id} exists already")
+            )
+            return
+        try:
+            sub = connector.hub.subscribe(
+                event.id,
+                event.route,
+                event.matcher,
+                ack=event.ack,
+                max_pending=event.max_pending,
+                kind=event.kind,
+                key=event.key,
+                durable=event.durable,
+                tap=event.tap,
+                client_id=self.client_id,
+                input_routes=settings.input_routes,
+                tap_routes=settings.tap_routes,
+                outbox=self.outbox,
+                wire=connector.wire,
+                name=self.name,
+            )
+        except (SubscriptionError, MatcherError) as exc:
+            await self.outbox.put_message(Answer(event.id, error=str(exc)))
+            return
+        self._subs[event.id] = sub
+        if not sub.tap:
+            self._subscribed[sub.route] += 1
+        await self.outbox.put_message(Answer(event.id))  # before any of its records
+        self._spawn(sub.run)
+
+    def _control_subscription(self, event: SubscriptionControl) -> Answer:
+        sub = self._subs.get(event.id)
+        if sub is None:
+            return Answer(event.id, error=f"no subscription {event.id}")
+        if event.op == "stop":
+            sub.pause()
+        elif event.op == "start":
+            sub.resume()
+        elif event.op == "close":
+            self._unsubscribe(sub)
+        else:
+            return Answer(event.id, error=f"no operation {event.op!r} on a subscription")
+        return Answer(event.id)
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        del self._subs[sub.id]
+        if not sub.tap:
+            self._subscribed[sub.route] -= 1
+        self.connector.hub.remove(sub)
+
+    def _end_conversations(self) -> None:
+        """The connection is over: every query is cancelled, every subscription closed."""
+        for call in list(self._queries.values()):
+            call.cancel()
+        self._queries.clear()
+        for sub in list(self._subs.values()):
+            self._unsubscribe(sub)
+
     # -- reading ------------------------------------------------------------------------------
     async def _read_loop(self) -> tuple[str, Message | None]:
         """Take records until the client leaves; returns why the reading ended, and what to
@@ -356,7 +508,23 @@ class ServerConnection:
             self._acked = self._taken
             await self.outbox.put_message(Ack(self._taken))
         elif isinstance(event, GetMim):
-            await self.outbox.put_message(Mim(self.connector.mim.snapshot()))
+            await self.outbox.put_message(Mim(self.connector.engine.mim_snapshot()))
+        elif isinstance(event, Query):
+            await self._query(event)
+        elif isinstance(event, CancelQuery):
+            call = self._queries.get(event.id)
+            if call is not None:
+                call.cancel()
+        elif isinstance(event, Subscribe):
+            await self._subscribe(event)
+        elif isinstance(event, SubscriptionControl):
+            await self.outbox.put_message(self._control_subscription(event))
+        elif isinstance(event, SubAck):
+            sub = self._subs.get(event.id)
+            if sub is not None:
+                sub.acknowledge(event.seq, event.through)
+        elif isinstance(event, KvRequest):
+            await self.outbox.put_message(await kv_answer(self.connector.kv, event))
         elif isinstance(event, (Bye, Closed)):
             return "the client closed the connection"
         elif isinstance(event, Error):
@@ -384,7 +552,7 @@ class ServerConnection:
             send = connector.routes.send
             routes = self.output_routes
             if routes.single is not None:
-                await send(routes.single, records, info)
+                await send(routes.single, records, info, raw=None if refused else raw)
             else:
                 for route, group in routes.split(records).items():
                     await send(route, group, info)

@@ -61,6 +61,9 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     shutdown_timeout: Seconds = 10.0
     # A plain TCP port open while the server is ready (Kubernetes TCP probes); None: none.
     tcp_probe_port: Port | None = None
+    # Conversations: internal routes clients may tap; records a subscription holds at most.
+    tap_routes: list[str] = []
+    durable_limit: Count = 100000
     tls: TlsTable = TlsTable()
 
 
@@ -87,6 +90,32 @@ class ProcessorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     routes: list[str]
 
 
+class QueryTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[queries.NAME]``: a query clients ask by name."""
+
+    route: str
+    request: str
+    reply: str
+
+
+class KvTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[kv]``: where the shared key-value maps live ("": in memory)."""
+
+    path: str = ""
+
+
+class EngineTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[engine]``: where routes run. ``local``: in this process; ``nats``: on NATS
+    JetStream, so that connectors and workers may run in many processes."""
+
+    kind: str = "local"
+    url: str | list[str] = "nats://127.0.0.1:4222"
+    stream: str = ""  # default: derived from [workflow] name
+    ack_wait: Seconds = 30.0  # how long a worker may take a batch before it goes to another
+    max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30  # the stream's limit
+    connect_timeout: Seconds = 5.0
+
+
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     workflow: WorkflowTable = WorkflowTable()
     connector: ConnectorTable = ConnectorTable()
@@ -95,6 +124,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mim: dict[str, str] = {}
     types: dict[str, dict[str, str]] = {}
     processors: list[ProcessorTable] = []
+    queries: dict[str, QueryTable] = {}
+    kv: KvTable = KvTable()
+    engine: EngineTable = EngineTable()
 
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -164,6 +196,8 @@ def _expected(info: mi.Type) -> str:
         return f"a list of {_plural(info.item_type)}"
     if isinstance(info, (mi.DictType, mi.StructType)):
         return "a table"
+    if isinstance(info, mi.UnionType):
+        return " or ".join(_expected(t) for t in info.types)
     return "a value of another type"
 
 

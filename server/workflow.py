@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Collection
 from typing import Any
 
 import trio
@@ -23,7 +24,9 @@ from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import RouteError
 from .health import Health
+from .kv import KvBackend, KvMap
 from .mim import AssignedMims, MimTable
+from .queries import QueryCall
 from .routes import Batch, RouteTable
 
 log = logging.getLogger("mzserver.workflow")
@@ -43,6 +46,9 @@ class ProcessorContext:
     ``ctx.udrs.<Type>(...)`` builds records of the workflow's declared types.
     With connection control: ``ctx.accept(request)`` / ``ctx.reject(request, reason)``.
     With per-connection routing: ``ctx.set_output_route(connection, type_name, route)``.
+    For a query's request: ``ctx.partial(reply)``, ``ctx.complete(reply)``, ``ctx.empty()``,
+    ``ctx.error(code, template, parameters)``, ``ctx.cancelled`` and ``ctx.query``.
+    ``ctx.kv(name)`` is a shared key-value map.
     ``ctx.set_unhealthy(reason)`` / ``ctx.set_healthy()``: readiness (``/readyz``).
     """
 
@@ -51,8 +57,10 @@ class ProcessorContext:
         "_control",
         "_full",
         "_health",
+        "_kv",
         "_light",
         "_out",
+        "_query",
         "_routed",
         "_routes",
         "_target",
@@ -73,9 +81,12 @@ class ProcessorContext:
         mim: AssignedMims,
         control: ConnectionControl,
         udrs: Namespace,
+        kv: KvBackend,
         health: Health | None = None,
     ) -> None:
         self._control = control
+        self._kv = kv
+        self._query: QueryCall | None = None
         self._health = health if health is not None else Health()
         # Records of declared types are weighed by count alone: light enough.
         self._light = frozenset(udrs[name] for name in udrs)
@@ -124,21 +135,68 @@ class ProcessorContext:
         for record in records:
             self.route(route, record, connection=connection)
 
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def query(self) -> QueryCall | None:
+        """The query whose request is being processed (``id``, ``name``, ``connection``), or
+        None for a record that is not a query's request."""
+        return self._query
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the client gave up on the query being answered."""
+        return self._query is not None and self._query.cancelled
+
+    def partial(self, reply: Any) -> None:
+        """Send a reply to the query now; more may follow. A dict is converted to the reply
+        type; a reply that does not match it ends the query with an error (and raises)."""
+        self._answering().partial(reply)
+
+    def complete(self, reply: Any = None) -> None:
+        """End the query, with a last reply (or none)."""
+        self._answering().complete(reply)
+
+    def empty(self) -> None:
+        """End the query with no result."""
+        self._answering().empty()
+
+    def error(self, code: str, template: str, parameters: list[Any] | tuple[Any, ...] = ()) -> None:
+        """End the query with an error: a short ``code``, a message ``template`` with
+        ``{0}``-style placeholders, and its ``parameters``."""
+        self._answering().error(code, template, parameters)
+
+    def _answering(self) -> QueryCall:
+        if self._query is None:
+            raise RuntimeError(
+                f"processor {self.processor!r} is not answering a query: this record is not a "
+                "query's request"
+            )
+        return self._query
+
+    # -- shared maps ----------------------------------------------------------------------
+    def kv(self, name: str) -> KvMap:
+        """The shared key-value map ``name`` (the one clients reach with ``conn.kv(name)``)."""
+        return self._kv.map(name)
+
     # -- connections ----------------------------------------------------------------------
     def accept(self, request: ConnectionRequest) -> None:
         """Let the client of a connection request in."""
-        self._control.decide(request.id, True)
+        self._control.decide(request.connection, True)
 
     def reject(self, request: ConnectionRequest, reason: str) -> None:
         """Turn the client of a connection request away; it sees ``reason``."""
-        self._control.decide(request.id, False, reason)
+        self._control.decide(request.connection, False, reason)
 
     def set_output_route(
         self, connection: ConnectionInfo | int, type_name: str, route: str | None
     ) -> None:
         """From its next records on, send one connection's records of ``type_name`` on
         ``route`` instead of the configured output route (``None`` restores it)."""
-        self._control.set_output_route(_id(connection), type_name, route)
+        if isinstance(connection, int) and self.connection and self.connection.id == connection:
+            connection = self.connection  # it names its server too
+        elif not isinstance(connection, (int, ConnectionInfo)):
+            connection = connection.connection  # a request, or an ended connection
+        self._control.set_output_route(connection, type_name, route)
 
     @property
     def connections(self) -> list[ConnectionInfo]:
@@ -203,8 +261,10 @@ class ProcessorRunner:
 
     async def accept(self, batch: Batch) -> None:
         """The route's target: process now if idle, else queue (waiting while the inbox is
-        full: backpressure to the sender)."""
-        if self._queued == 0:
+        full: backpressure to the sender). A query's request always goes to the processor's
+        own task: its answer may take long, and the sender (a client's reader) must not wait
+        for it."""
+        if self._queued == 0 and batch.query is None:
             try:
                 self._lock.acquire_nowait()
             except trio.WouldBlock:
@@ -228,6 +288,11 @@ class ProcessorRunner:
             in_flight.done()
             raise
 
+    async def process(self, batch: Batch) -> None:
+        """Process a batch now, in turn with the others; return when it is done."""
+        async with self._lock:
+            await self._process(batch)
+
     async def run(self) -> None:
         """Process queued batches until cancelled."""
         async for batch in self._inbox:
@@ -246,7 +311,9 @@ class ProcessorRunner:
         ctx.connection = batch.origin
         ctx._target = batch.connection
         started = trio.current_time()
-        if self.processor.is_async:
+        if batch.query is not None:
+            await self._answer(batch)
+        elif self.processor.is_async:
             for record in batch.records:
                 try:
                     await function(record, ctx)
@@ -266,6 +333,32 @@ class ProcessorRunner:
         stats.records += len(batch.records)
         stats.batches += 1
         stats.busy += trio.current_time() - started
+        await self._hand_on(batch)
+
+    async def _answer(self, batch: Batch) -> None:
+        """A query's request: the processor answers it under the query's cancel scope; one
+        that returns without answering ends it as empty, one that raises ends it with an
+        error."""
+        ctx = self.ctx
+        call = batch.query
+        if call.cancelled:  # the client gave up while the request waited in the inbox
+            return
+        [record] = batch.records
+        ctx._query = call
+        try:
+            with call.scope:
+                if self.processor.is_async:
+                    await self.processor.function(record, ctx)
+                else:
+                    self.processor.function(record, ctx)
+        except Exception as exc:
+            self._failed(batch, record, exc)
+            if not call.done:
+                call.error("processor-error", "the processor failed: {0}", [repr(exc)])
+        finally:
+            ctx._query = None
+        if not call.done:
+            call.empty()
         await self._hand_on(batch)
 
     async def _hand_on(self, batch: Batch) -> None:
@@ -297,8 +390,12 @@ class Workflow:
         routes: RouteTable,
         mim: MimTable,
         control: ConnectionControl,
+        kv: KvBackend,
+        *,
+        only: Collection[str] | None = None,
         health: Health | None = None,
     ) -> None:
+        """``only``: the names of the processors this process runs (None: every one)."""
         self.config = config
         self.routes = routes
         self.mim = mim
@@ -306,12 +403,21 @@ class Workflow:
         self.runners: list[ProcessorRunner] = []
         udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
+            if only is not None and processor.name not in only:
+                continue
             ctx = ProcessorContext(
-                config.workflow, processor.name, routes, mim.assigned, control, udrs, self.health
+                config.workflow,
+                processor.name,
+                routes,
+                mim.assigned,
+                control,
+                udrs,
+                kv,
+                self.health,
             )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:
-                routes.bind(route, runner.accept)
+                routes.bind(route, runner.accept, process=runner.process)
             self.runners.append(runner)
 
     async def run(self) -> None:

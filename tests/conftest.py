@@ -34,13 +34,15 @@ class ServerProcess:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        if "listening on" not in line:
+        if "listening on" not in line and "worker running" not in line:
             self.proc.kill()
             self.proc.wait()
             raise RuntimeError(f"server did not start: {line!r} {self.log()!r}")
         self.banner = line.strip()
-        self.host, port = line.strip().rsplit(" ", 1)[1].rsplit(":", 1)
-        self.port = int(port)
+        self.host, self.port = "", 0  # a worker listens nowhere
+        if "listening on" in line:
+            self.host, port = line.strip().rsplit(" ", 1)[1].rsplit(":", 1)
+            self.port = int(port)
 
     def log(self) -> str:
         """What the server has logged so far."""

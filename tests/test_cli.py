@@ -144,6 +144,7 @@ def test_tail_prints_what_arrives(rich: ServerProcess) -> None:
         with mzconnector.connect(rich.host, rich.port) as conn:
             while conn.mim()["Connected Clients"] < 2:  # until the tail has connected
                 pass
+            time.sleep(0.5)  # and subscribed to "back"
             conn.submit(b"raw")
             conn.submit(mzconnector._record_from_json(EVENT, conn._codec, "EVENT"))
             conn.flush()
@@ -195,9 +196,10 @@ def test_record_and_replay(rich: ServerProcess, recording: Path, cli: Any) -> No
             mzconnector._record_from_json({**EVENT, "id": i}, conn._codec, "EVENT")
             for i in range(3)
         ]
+        back = conn.subscribe("back")  # before submitting: a subscription made now sees them
         conn.submit_many([*events, b"tail"])
         conn.flush()
-        assert mzconnector.record(conn, "back", str(recording), max_records=4) == 4
+        assert mzconnector.record(conn, back, str(recording), max_records=4) == 4
 
     header, *lines = recording.read_text().splitlines()
     assert json.loads(header)["_recording"] == "mzconnector recording"
@@ -235,6 +237,7 @@ def test_the_record_command(rich: ServerProcess, tmp_path: Path) -> None:
         with mzconnector.connect(rich.host, rich.port) as conn:
             while conn.mim()["Connected Clients"] < 2:  # until the recorder has connected
                 pass
+            time.sleep(0.5)  # and subscribed to "back"
             conn.submit_many([b"one", b"two"])
             conn.flush()
         out, err = recorder.communicate(timeout=30)
@@ -302,11 +305,12 @@ def test_parquet_recording_round_trips(rich: ServerProcess, tmp_path: Path) -> N
             mzconnector._record_from_json({**EVENT, "id": i}, conn._codec, "EVENT")
             for i in range(5)
         ]
+        back = conn.subscribe("back")
         conn.submit_many(events)
         conn.flush()
-        assert mzconnector.record(conn, "back", str(path), max_records=5) == 5
+        assert mzconnector.record(conn, back, str(path), max_records=5) == 5
         report = mzconnector.replay(conn, str(path))
-        again = [conn.receive(timeout=10) for _ in range(5)]
+        again = [back.receive(timeout=10) for _ in range(5)]
     assert report.sent == 5
     assert again == events
     import pyarrow.parquet as pq
@@ -314,6 +318,76 @@ def test_parquet_recording_round_trips(rich: ServerProcess, tmp_path: Path) -> N
     table = pq.read_table(path)
     assert table.column_names == ["at", "type", "record"]
     assert table.column("type").to_pylist() == ["Event"] * 5
+
+
+# -- conversations: query, and tail/record on a subscription or a tap ---------------------------
+
+
+@pytest.fixture
+def conversations(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_server(str(WORKFLOWS / "conversations.toml"))
+
+
+def test_query_prints_each_reply(conversations: ServerProcess, cli: Any) -> None:
+    request = json.dumps({"topic": "count", "count": 3})
+    status, lines, err = cli(conversations, "--json", "query", "ask", request)
+    assert (status, err) == (0, "")
+    assert documents(lines) == [
+        {"_type": "Reply", "n": 0, "text": "part 0"},
+        {"_type": "Reply", "n": 1, "text": "part 1"},
+        {"_type": "Reply", "n": 2, "text": "ask"},
+    ]
+    status, lines, _ = cli(conversations, "query", "ask", '{"topic": "none", "count": 0}')
+    assert (status, lines) == (0, [])
+
+
+def test_query_errors(conversations: ServerProcess, cli: Any) -> None:
+    status, _, err = cli(conversations, "--json", "query", "ask", '{"topic": "error", "count": 11}')
+    [error] = documents(err.splitlines())
+    assert (status, error["kind"]) == (1, "QueryError")
+    assert "count 11 is more than 10" in error["error"]
+    status, _, err = cli(conversations, "--json", "query", "ask", '{"topic": 1}')
+    assert status == 2
+    assert "request.topic: expected str, got int 1" in err
+    status, _, err = cli(conversations, "query", "ask", "{not json")
+    assert (status, err.startswith("mzconnector: the request is not JSON")) == (2, True)
+
+
+def test_tail_with_a_matcher_and_a_tap(conversations: ServerProcess) -> None:
+    tails = {
+        name: subprocess.Popen(
+            [*MZCONNECTOR, "--port", str(conversations.port), "--json", "tail", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in {
+            "alerts": ["alerts", "--match", '{"sensor": "b"}', "--count", "1"],
+            "tap": ["readings", "--count", "2"],
+        }.items()
+    }
+    with mzconnector.connect(conversations.host, conversations.port) as conn:
+        while conn.mim()["Connected Clients"] < 3:  # until both tails have connected
+            pass
+        time.sleep(0.5)  # and subscribed
+        Reading = conn.udrs.Reading
+        conn.submit_many([Reading(sensor="a", value=99.0), Reading(sensor="b", value=98.0)])
+        conn.flush()
+    results = {name: tail.communicate(timeout=30) for name, tail in tails.items()}
+    for tail in tails.values():
+        assert tail.returncode == 0
+    assert documents(results["alerts"][0].splitlines()) == [
+        {"_type": "Reading", "place": None, "sensor": "b", "value": 98.0}
+    ]
+    assert [d["sensor"] for d in documents(results["tap"][0].splitlines())] == ["a", "b"]
+
+
+def test_tail_refuses_a_matcher_the_types_cannot_match(
+    conversations: ServerProcess, cli: Any
+) -> None:
+    status, _, err = cli(conversations, "--json", "tail", "alerts", "--match", '{"colour": 1}')
+    [error] = documents(err.splitlines())
+    assert (status, error["kind"]) == (2, "SubscriptionError")
 
 
 # -- exit status ------------------------------------------------------------------------------
@@ -375,7 +449,8 @@ def welcome_then_silence(conn: Any) -> None:
         (["--server", "nowhere", "mim"], 2, "argument --server: expected HOST:PORT"),
         (["--token-env", "MZ_TEST_UNSET", "mim"], 2, "MZ_TEST_UNSET: the variable is not set"),
         (["--server-hostname", "x", "mim"], 2, "--server-hostname: this client cannot set it"),
-        (["query", "top", "{}"], 2, "query needs a client and server with queries"),
+        (["query", "top", "{}"], 2, "no query 'top' (this server offers: none)"),
+        (["tail", "nowhere"], 2, "the server offers no route 'nowhere' (it offers: back)"),
     ],
 )
 def test_bad_arguments(

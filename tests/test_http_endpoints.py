@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import mzconnector
 from mzconnector import Ack, Flush
 from mzserver import BindError, ConfigError, serve
+from mzserver.metrics import BUILTIN_METRICS
+from mzserver.mim import BUILTIN_MIMS
 from tests.httputil import get, http_config, serving
 from tests.test_server import RawClient, batch
 
@@ -30,8 +32,13 @@ BUILTIN_FAMILIES = {
     "mzconnector_sent_bytes": "counter",
     "mzconnector_records_refused": "counter",
     "mzconnector_records_undeliverable": "counter",
+    "mzconnector_records_unacknowledged": "counter",
     "mzconnector_processor_errors": "counter",
 }
+
+
+def test_every_builtin_mim_has_a_metric() -> None:
+    assert {"Workflow Name", *BUILTIN_METRICS} == set(BUILTIN_MIMS)
 
 
 def metric_families(text: str) -> dict[str, Any]:

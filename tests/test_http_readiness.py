@@ -13,11 +13,11 @@ import trio
 
 from mzconnector import Ack, Flush
 from mzserver.connector import Connector
+from mzserver.engines import LocalEngine
 from mzserver.health import Health, Phase
 from mzserver.http import HttpServer
 from mzserver.mim import AssignedMims, MimTable
 from mzserver.observe import Observed
-from mzserver.routes import RouteTable
 from mzserver.workflow import Workflow
 from tests.conftest import ROOT
 from tests.httputil import get, http_config, serving
@@ -108,12 +108,12 @@ async def test_readiness_says_stopping_during_a_graceful_stop_and_the_probe_clos
 async def test_readyz_says_starting_until_the_workflow_runs() -> None:
     # The parts serve() builds, with the HTTP listener alone running: the server is starting.
     config = http_config()
-    routes = RouteTable()
     mim = MimTable(config.workflow, AssignedMims(config.mim, config.mim_declared))
-    connector = Connector(config, routes, mim)
+    engine = LocalEngine(config, mim)
+    connector = Connector(config, engine, mim)
     health = Health()
-    workflow = Workflow(config, routes, mim, control=connector, health=health)
-    http = HttpServer(config.http, Observed(config, mim, routes, workflow, connector, health))
+    workflow = Workflow(config, engine.routes, mim, connector, engine.kv, health=health)
+    http = HttpServer(config.http, Observed(config, mim, engine, workflow, connector, health))
     await http.open()
     async with trio.open_nursery() as nursery:
         await nursery.start(http.serve)
@@ -181,3 +181,19 @@ def test_the_command_line_says_when_the_http_port_is_taken() -> None:
         )
     assert done.returncode == 2
     assert done.stderr.startswith(f"mzserver: HTTP: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_health_says_the_engine_first_while_it_cannot_take_records() -> None:
+    health = Health()
+    health.set_phase(Phase.READY)
+    health.declare_unhealthy("a", "disk full")
+    health.set_engine(False, "NATS at nats://x:4222 is unreachable")
+    assert not health.ready
+    assert health.reasons() == [
+        "engine: NATS at nats://x:4222 is unreachable",
+        "processor 'a' says: disk full",
+    ]
+    health.declare_healthy("a")
+    assert not health.ready
+    health.set_engine(True)
+    assert health.ready

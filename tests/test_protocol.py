@@ -21,17 +21,24 @@ from mzconnector import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Ack,
+    Answer,
     ApiModule,
     Bye,
+    CancelQuery,
     Closed,
     Error,
     Flush,
     GetMim,
     Hello,
+    KvRequest,
     LocalProtocolError,
     Mim,
     Notice,
     Protocol,
+    Query,
+    QueryFailed,
+    QueryInfo,
+    QueryReply,
     RecordError,
     Records,
     Refuse,
@@ -39,7 +46,12 @@ from mzconnector import (
     RemoteProtocolError,
     Role,
     State,
+    SubAck,
+    SubRecords,
+    Subscribe,
+    SubscriptionControl,
     Welcome,
+    batch_length,
     encode_frame,
     encode_record_frames,
 )
@@ -526,6 +538,82 @@ def test_bad_utf8_in_a_frame_is_said_in_our_words() -> None:
         feed_whole(server, MAGIC + HEADER.pack(len(body)) + body)
 
 
+# -- conversations: messages with ids, interleaved with pushes -------------------------------------
+
+CLIENT_CONVERSATION = [
+    Query(1, "ask", msgspec.Raw(msgspec.msgpack.encode(["Question", "x", 1]))),
+    Subscribe(2, "alerts", {"home.city": "Lund"}, ack="client", max_pending=3),
+    CancelQuery(1),
+    SubscriptionControl(2, "stop"),
+    SubAck(2, 7, through=True),
+    KvRequest(3, "settings", "set", msgspec.Raw(b"\xa1k"), "", msgspec.Raw(b"\x05")),
+]
+SERVER_CONVERSATION = [
+    QueryReply(1, msgspec.Raw(msgspec.msgpack.encode([["Reply", 1, "a"]]))),
+    QueryFailed(1, "out-of-range", "count {0} is more than {1}", [12, 10]),
+    Answer(2),
+    SubRecords(2, 1, msgspec.Raw(msgspec.msgpack.encode([b"r"])), dropped=4),
+    Answer(3, error="no such map"),
+]
+
+
+@pytest.mark.parametrize("feed", FEEDERS)
+def test_conversations_interleave_with_pushes(feed: Any) -> None:
+    client, server = open_pair()
+    data = b""
+    for message in CLIENT_CONVERSATION:
+        data += bytes(client.send(records([b"push"]))) + bytes(client.send(message))
+    events = feed(server, data)
+    assert [e for e in events if not isinstance(e, Records)] == CLIENT_CONVERSATION
+    assert len(events) == 2 * len(CLIENT_CONVERSATION)
+    data = b"".join(bytes(server.send(m)) for m in SERVER_CONVERSATION)
+    assert feed(client, data) == SERVER_CONVERSATION
+
+
+@pytest.mark.parametrize("message", CLIENT_CONVERSATION, ids=lambda m: type(m).__name__)
+def test_a_conversation_waits_for_the_welcome(message: Any) -> None:
+    client = Protocol(Role.CLIENT)
+    client.send(Hello(PROTOCOL_VERSION, client_id="alice"))
+    with pytest.raises(LocalProtocolError, match="in state welcome"):
+        client.send(message)
+    server = Protocol(Role.SERVER)
+    server.receive_data(MAGIC + bytes(encode_frame(Hello(PROTOCOL_VERSION))))
+    assert server.next_event() == Hello(PROTOCOL_VERSION)
+    with pytest.raises(RemoteProtocolError, match=f"client may not send {type(message).__name__}"):
+        feed_whole(server, bytes(encode_frame(message)))
+
+
+@pytest.mark.parametrize("message", SERVER_CONVERSATION, ids=lambda m: type(m).__name__)
+def test_only_the_server_answers(message: Any) -> None:
+    client, server = open_pair()
+    with pytest.raises(LocalProtocolError, match=f"client may not send {type(message).__name__}"):
+        client.send(message)
+    with pytest.raises(LocalProtocolError, match="server may not send"):
+        server.send(CLIENT_CONVERSATION[0])
+
+
+def test_hello_and_welcome_carry_what_conversations_need() -> None:
+    client, server = Protocol(Role.CLIENT), Protocol(Role.SERVER)
+    hello = Hello(PROTOCOL_VERSION, name="n", client_id="alice")
+    assert feed_whole(server, bytes(client.send(hello))) == [hello]
+    answer = welcome(
+        queries={"ask": QueryInfo("Question", "Reply")}, routes=["alerts"], taps=["raw"]
+    )
+    [got] = feed_whole(client, bytes(server.send(answer)))
+    assert got.queries == {"ask": QueryInfo("Question", "Reply")}
+    assert (got.routes, got.taps) == (["alerts"], ["raw"])
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 65535, 65536, 70000])
+def test_batch_length_reads_the_header(count: int) -> None:
+    assert batch_length(msgspec.msgpack.encode([None] * count)) == count
+
+
+def test_batch_length_of_what_is_not_an_array() -> None:
+    assert batch_length(msgspec.msgpack.encode({"a": 1})) == -1
+    assert batch_length(b"") == -1
+
+
 def test_server_may_report_an_error_before_hello() -> None:
     server = Protocol(Role.SERVER)
     data = server.send(Error("no hello within 10.0 s"))
@@ -546,6 +634,11 @@ _FRAMES = [
     bytes(encode_frame(records([["Subscriber", "4670", 10], b"raw"]))),
     bytes(encode_frame(Flush())),
     bytes(encode_frame(GetMim())),
+    bytes(encode_frame(Query(1, "ask", msgspec.Raw(msgspec.msgpack.encode(["Q", 1]))))),
+    bytes(encode_frame(CancelQuery(1))),
+    bytes(encode_frame(Subscribe(2, "alerts", {"a.b": 1}))),
+    bytes(encode_frame(SubAck(2, 5, through=True))),
+    bytes(encode_frame(KvRequest(3, "m", "get", msgspec.Raw(b"\xa1k")))),
     bytes(encode_frame(Bye())),
 ]
 

@@ -1,4 +1,4 @@
-"""Processors of the benchmark workflows (count.toml, echo.toml).
+"""Processors of the benchmark workflows (count.toml, echo.toml, conversations.toml).
 
 They do the least a processor can do, so that the benchmark measures the connector around them.
 """
@@ -31,3 +31,13 @@ def count(record: Any, ctx: Any) -> None:
 def echo(record: Any, ctx: Any) -> None:
     """Send the record back to the client it came from."""
     ctx.route("back", record, connection=ctx.connection)
+
+
+def answer(request: Any, ctx: Any) -> None:
+    """Answer a query with its own request."""
+    ctx.complete(request)
+
+
+def counted(request: Any, ctx: Any) -> None:
+    """Answer a query with how many records were counted so far."""
+    ctx.complete(type(request)(i=records, s="count", f=float(payload_bytes)))
