@@ -82,6 +82,10 @@ function render(s) {
 
   document.title = `${s.workflow} · mzconnector`;
   setText("workflow", s.workflow);
+  setText(
+    "engine",
+    s.engine === "local" ? "workflow server" : `${s.engine} engine · ${s.role} ${s.instance}`,
+  );
   setText("uptime", duration(s.uptime));
   setText("started", when(s.started));
 
