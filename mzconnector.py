@@ -2,7 +2,7 @@
 
 Copy this one file next to a notebook; it needs only ``msgspec`` (``pip install msgspec``).
 Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars), ``anyio`` (the async
-client under trio).
+client under trio), ``pyarrow`` (Parquet recordings).
 
     import mzconnector
     with mzconnector.connect("127.0.0.1", 7777, timeout=10) as conn:
@@ -24,6 +24,8 @@ here, so client and server can never disagree about a byte. Sections, in depende
                      socket (``_ReadTurn``)
 7. pandas helpers    records to a DataFrame and back
 8. Async connection  ``connect_async()``, ``AsyncConnection``: asyncio, or anyio (asyncio, trio)
+9. Command line      ``mzconnector COMMAND`` (or ``python mzconnector.py COMMAND``), and
+                     ``record``/``replay``: traffic to a file and back into a workflow
 
 Exceptions::
 
@@ -5553,3 +5555,966 @@ class AsyncKvMap:
 
     async def length(self) -> int:
         return int(await self._do("len"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Command line: mzconnector COMMAND (also python mzconnector.py COMMAND), record and replay
+# ---------------------------------------------------------------------------------------------
+#
+# Commands: mim, types, api, submit TYPE, tail ROUTE, query NAME JSON, smoke, record ROUTE FILE,
+# replay FILE; tail and record subscribe to ROUTE (--match: a matcher) or tap it, for as long
+# as they run; query prints each reply as it arrives. With --json every output is one JSON
+# document per line, keys sorted, records as objects with a "_type" field, datetimes in ISO
+# 8601, bytes in base64; the same shape is the recording format (JSON lines), so what
+# `tail --json` prints, `submit` and `replay` take.
+# Exit status (EXIT_*): one code per class of failure; the error goes to stderr in one line
+# (JSON with --json), with any token taken out.
+
+__all__ += ["ReplayReport", "main", "record", "replay"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # anything else: the connection closed midway, a file cannot be written, ...
+EXIT_USAGE = 2  # bad arguments or input (an unknown type or query, JSON, a matcher)
+EXIT_CONNECT = 3  # cannot connect (no server there, TLS, handshake, an API module)
+EXIT_REFUSED = 4  # refused: the connection (limit, workflow, authentication) or records
+EXIT_PROTOCOL = 5  # protocol error: not an mzconnector server, or one that broke the protocol
+EXIT_TIMEOUT = 6  # no answer within --timeout (connected; while connecting it is EXIT_CONNECT)
+EXIT_INTERRUPTED = 130  # Ctrl-C (tail and record end normally on it: 0)
+
+#: The environment variable a token is read from when --token-env names none.
+TOKEN_ENV = "MZCONNECTOR_TOKEN"
+#: The first line of a JSON lines recording says what it is.
+_RECORDING = "mzconnector recording"
+
+
+class _UsageError(MZConnectorError):
+    """Bad arguments or input: exit status ``EXIT_USAGE``."""
+
+
+class ReplayReport(msgspec.Struct, kw_only=True):
+    """What ``replay`` did: records ``sent`` (taken or refused by the server), the server's
+    ``refused`` (``RecordError``, index = position among the replayed records) and how many
+    more it counted without describing (``omitted``), records of a type the connector does not
+    accept (``not_accepted``, not sent) and recorded objects that are not records
+    (``skipped``)."""
+
+    sent: int = 0
+    refused: list[RecordError] = []
+    omitted: int = 0
+    not_accepted: int = 0
+    skipped: int = 0
+
+
+# -- JSON: records and values as plain, deterministic data ------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON data: records as objects with ``_type``, datetimes in ISO 8601, bytes
+    in base64, non-finite floats as strings; anything else as ``{"_type": "object", ...}``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        finite = value == value and abs(value) != float("inf")  # JSON has no NaN, no inf
+        return value if finite else str(value)
+    if isinstance(value, msgspec.Struct):
+        out = {"_type": type(value).__name__}
+        out.update((f, _plain(getattr(value, f))) for f in value.__struct_fields__)
+        return out
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _b64(bytes(value))
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return {"_type": "object", "class": _qualname(value), "repr": repr(value)[:1000]}
+
+
+def _record_json(record: Any) -> Any:
+    """One received item as a JSON object with ``_type``: a record, ``bytes`` (``data`` in
+    base64), or ``object`` (another Python object the workflow sent: its class, its
+    ``repr``, and its ``value`` when it is plain data)."""
+    if isinstance(record, (bytes, bytearray, memoryview)):
+        return {"_type": "bytes", "data": _b64(bytes(record))}
+    if isinstance(record, msgspec.Struct):
+        return _plain(record)
+    out = {"_type": "object", "class": _qualname(record), "repr": repr(record)[:1000]}
+    if record is None or isinstance(record, (bool, int, float, str, list, tuple, dict)):
+        out["value"] = _plain(record)
+    return out
+
+
+def _qualname(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _dumps(document: Any) -> str:
+    """One deterministic JSON line: keys sorted, compact, UTF-8."""
+    import json
+
+    return json.dumps(_plain(document), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _from_json(value: Any, kind: Any, codec: RecordCodec, where: str) -> Any:
+    """JSON data back into a value of ``kind`` (a field's declared type): nested records from
+    objects with ``_type``, datetimes from ISO 8601, bytes from base64. Raises ``ValueError``
+    naming ``where``."""
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        return _record_from_json(value, codec, where, expected=kind)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Union:  # T | None
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        return _from_json(value, kind, codec, where)
+    if origin is list and isinstance(value, list):
+        return [_from_json(v, args[0], codec, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {k: _from_json(v, args[1], codec, f"{where}[{k!r}]") for k, v in value.items()}
+    try:
+        return msgspec.convert(value, kind, strict=False)
+    except msgspec.ValidationError:
+        raise ValueError(f"{where}: expected {type_name(kind)}, got {_describe(value)}") from None
+
+
+def _record_from_json(data: Any, codec: RecordCodec, where: str, *, expected: Any = None) -> Any:
+    """A record (or bytes) from its JSON object. ``expected``: the record class it must be."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object with the record's fields")
+    fields = dict(data)
+    name = fields.pop("_type", None)
+    if expected is not None:
+        wanted = "bytes" if expected is bytes else expected.__name__
+        if name is not None and name != wanted:
+            raise ValueError(f"{where}: a {name} where a {wanted} is expected")
+        name = wanted
+    if name == "bytes":
+        return _from_json(fields.get("data"), bytes, codec, f"{where}.data")
+    cls = codec.types.get(name) if isinstance(name, str) else None
+    if cls is None:
+        known = ", ".join([*codec.types, "bytes"])
+        raise ValueError(f"{where}: unknown record type {name!r} (this workflow has: {known})")
+    declared = {f.name: f for f in msgspec.structs.fields(cls)}
+    unknown = [f for f in fields if f not in declared]
+    if unknown:
+        raise ValueError(f"{where}: {name} has no field {unknown[0]!r}")
+    values = {}
+    for field, info in declared.items():
+        if field in fields:
+            values[field] = _from_json(fields[field], info.type, codec, f"{where}.{field}")
+        elif info.required:
+            raise ValueError(f"{where}: {name}.{field} is missing")
+    return cls(**values)
+
+
+# -- record and replay ------------------------------------------------------------------------
+
+
+def record(
+    conn: Connection,
+    route: str | Subscription,
+    path: str,
+    *,
+    matcher: Mapping[str, Any] | None = None,
+    max_records: int | None = None,
+    seconds: float | None = None,
+    format: str | None = None,
+) -> int:
+    """Write the records that arrive on ``route`` to ``path``, each with its arrival time,
+    until ``max_records`` have arrived or ``seconds`` have passed (None: until interrupted,
+    e.g. by interrupting the notebook's kernel; what arrived so far is in the file). Returns
+    how many.
+
+    ``route``: one of ``conn.routes`` (subscribed to, with ``matcher``, for the recording),
+    one of ``conn.taps`` (tapped), or a ``Subscription`` made before (it stays open). A server
+    that offers no routes (one without subscriptions) gives what it sends this client.
+    ``format``: ``"jsonl"`` (JSON lines, the default) or ``"parquet"`` (the default for a path
+    ending in ``.parquet``; needs pyarrow).
+    """
+    kind = _recording_format(path, format)
+    with _incoming(conn, route, matcher) as receive:
+        header = {
+            "_recording": _RECORDING,
+            "version": 1,
+            "workflow": conn.workflow,
+            "route": route if isinstance(route, str) else route.route,
+            "schema": conn._codec.schema,
+            "started": datetime.datetime.now(datetime.timezone.utc),
+        }
+        return _record_to(receive, path, kind, header, max_records, seconds)
+
+
+def _record_to(
+    receive: Callable[[float | None], Any],
+    path: str,
+    kind: str,
+    header: dict[str, Any],
+    max_records: int | None,
+    seconds: float | None,
+) -> int:
+    deadline = None if seconds is None else time.monotonic() + seconds
+    writer = _ParquetWriter(path, header) if kind == "parquet" else _JsonlWriter(path, header)
+    count = 0
+    with writer:
+        while max_records is None or count < max_records:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                break
+            try:
+                item = receive(wait)
+            except Timeout:
+                break
+            writer.write(datetime.datetime.now(datetime.timezone.utc), _record_json(item))
+            count += 1
+    return count
+
+
+def _recording_format(path: str, format: str | None) -> str:
+    kind = format or ("parquet" if str(path).endswith(".parquet") else "jsonl")
+    if kind not in ("jsonl", "parquet"):
+        raise ValueError(f"format={kind!r}: use 'jsonl' or 'parquet'")
+    return kind
+
+
+class _JsonlWriter:
+    """A recording as JSON lines: a header line, then ``{"at": ..., "record": {...}}`` lines."""
+
+    def __init__(self, path: str, header: dict[str, Any]) -> None:
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by __exit__
+        self._file.write(_dumps(header) + "\n")
+
+    def write(self, at: datetime.datetime, record: Any) -> None:
+        self._file.write(_dumps({"at": at, "record": record}) + "\n")
+        self._file.flush()  # a recording interrupted keeps every record that arrived
+
+    def __enter__(self) -> _JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def _import_pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError("Parquet recordings need pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
+class _ParquetWriter:
+    """A recording as Parquet: columns ``at`` (timestamp, UTC), ``type`` and ``record`` (the
+    record's JSON object as text); the header is the file's ``mzconnector`` metadata."""
+
+    ROWS = 4096  # rows per row group written while recording
+
+    def __init__(self, path: str, header: dict[str, Any]) -> None:
+        pa = self._pa = _import_pyarrow()
+        self._schema = pa.schema(
+            [("at", pa.timestamp("us", tz="UTC")), ("type", pa.string()), ("record", pa.string())],
+            metadata={b"mzconnector": _dumps(header).encode()},
+        )
+        self._writer = pa.parquet.ParquetWriter(path, self._schema)
+        self._rows: list[tuple[datetime.datetime, str, str]] = []
+
+    def write(self, at: datetime.datetime, record: Any) -> None:
+        self._rows.append((at, record["_type"], _dumps(record)))
+        if len(self._rows) >= self.ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            columns = [list(c) for c in zip(*self._rows)]
+            self._writer.write_table(self._pa.table(columns, schema=self._schema))
+            self._rows = []
+
+    def __enter__(self) -> _ParquetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
+
+
+def _read_recording(path: str) -> tuple[dict[str, Any], Iterator[tuple[float, Any]]]:
+    """A recording's header, and its (arrival time in Unix seconds, record JSON) pairs."""
+    import json
+
+    if _recording_format(path, None) == "parquet":
+        pa = _import_pyarrow()
+        parquet = pa.parquet.ParquetFile(path)
+        meta = (parquet.schema_arrow.metadata or {}).get(b"mzconnector")
+        header = json.loads(meta) if meta else {}
+
+        def parquet_rows() -> Iterator[tuple[float, Any]]:
+            for chunk in parquet.iter_batches(columns=["at", "record"]):
+                for at, text in zip(chunk.column(0).to_pylist(), chunk.column(1).to_pylist()):
+                    yield at.timestamp(), json.loads(text)
+
+        return header, parquet_rows()
+
+    file = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the generator
+    first = file.readline()
+    try:
+        header = json.loads(first)
+        if not isinstance(header, dict) or header.get("_recording") != _RECORDING:
+            raise ValueError
+    except ValueError:
+        file.close()
+        raise ValueError(f"{path}: line 1: not an mzconnector recording") from None
+
+    def jsonl_rows() -> Iterator[tuple[float, Any]]:
+        with file:
+            for number, line in enumerate(file, 2):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    at = datetime.datetime.fromisoformat(entry["at"].replace("Z", "+00:00"))
+                    yield at.timestamp(), entry["record"]
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ValueError(f"{path}: line {number}: not a recorded record") from None
+
+    return header, jsonl_rows()
+
+
+def replay(
+    conn: Connection, path: str, *, pace: str | float = "fast", progress: bool = False
+) -> ReplayReport:
+    """Push a recording (``record``) back into a workflow through ``conn``, and report what the
+    server refused. ``pace``: ``"fast"`` (as fast as possible), ``"original"`` (the recorded
+    gaps between arrivals), or a number: that many times faster than the original (``10``).
+    Returns once the server has taken every record (``flush``)."""
+    if pace == "fast":
+        speed = None
+    elif pace == "original":
+        speed = 1.0
+    elif isinstance(pace, (int, float)) and not isinstance(pace, bool) and pace > 0:
+        speed = float(pace)
+    else:
+        raise ValueError(f"pace={pace!r}: use 'fast', 'original' or a speed-up factor above 0")
+    _, rows = _read_recording(path)
+    report = ReplayReport()
+    start = conn._ledger.sent + len(conn._ledger.refused_here) + len(conn._buf)
+    bar = _progress_bar(()) if progress else None
+
+    def refused(error: RecordRefused) -> None:
+        report.refused.extend(
+            msgspec.structs.replace(e, index=e.index - start) for e in error.errors
+        )
+        report.omitted += error.omitted
+
+    known = (*conn._codec.types, "bytes")
+    first_at: float | None = None
+    began = time.monotonic()
+    try:
+        for number, (at, data) in enumerate(rows):
+            if isinstance(data, dict) and data.get("_type") == "object":
+                report.skipped += 1
+                continue
+            try:
+                item = _record_from_json(data, conn._codec, f"{path}: record {number}")
+            except ValueError:
+                if isinstance(data, dict) and data.get("_type") not in known:
+                    report.not_accepted += 1  # a type this workflow does not have
+                    continue
+                raise
+            if type(item) not in conn._accepted_classes:
+                report.not_accepted += 1
+                continue
+            if speed is not None:
+                first_at = at if first_at is None else first_at
+                delay = (at - first_at) / speed - (time.monotonic() - began)
+                if delay > 0:
+                    time.sleep(delay)
+            while True:
+                try:
+                    conn.submit(item)
+                    break
+                except RecordRefused as error:  # raised before this record was queued
+                    refused(error)
+            report.sent += 1
+            if bar is not None:
+                bar.update(1)
+        while True:
+            try:
+                conn.flush()
+                break
+            except RecordRefused as error:
+                refused(error)
+    finally:
+        if bar is not None:
+            bar.close()
+    return report
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def _default_value(kind: Any, codec: RecordCodec) -> Any:
+    """A plain value of a declared field type, for the smoke test's record."""
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        return _default_record(kind, codec)
+    if typing.get_origin(kind) is Union:
+        return None
+    if typing.get_origin(kind) in (list, dict):
+        return typing.get_origin(kind)()
+    if kind is datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc)
+    return {int: 0, float: 0.0, str: "smoke", bool: False, bytes: b"smoke"}.get(kind)
+
+
+def _default_record(cls: Any, codec: RecordCodec) -> Any:
+    return cls(**{f.name: _default_value(f.type, codec) for f in msgspec.structs.fields(cls)})
+
+
+class _Output:
+    """Where a command's results go: stdout, as text or as JSON lines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def emit(self, document: Any, text: str) -> None:
+        print(_dumps(document) if self.json else text, flush=True)
+
+
+def _cmd_mim(conn: Connection, args: Any, out: _Output) -> int:
+    values = conn.mim()
+    width = max((len(k) for k in values), default=0)
+    text = "\n".join(f"{k:<{width}}  {_cell_text(v)}" for k, v in values.items())
+    out.emit(dict(values), text)
+    return EXIT_OK
+
+
+def _cmd_types(conn: Connection, args: Any, out: _Output) -> int:
+    schema = conn._codec.schema
+    names = sorted([*schema, *(["bytes"] if "bytes" in conn.accepted else [])])
+    for name in names:
+        fields = schema.get(name, {})
+        accepted = name in conn.accepted
+        text = (
+            name
+            if name == "bytes"
+            else f"{name}({', '.join(f'{f}: {t}' for f, t in fields.items())})"
+        )
+        out.emit(
+            {"type": name, "fields": fields, "accepted": accepted},
+            text + ("  accepted" if accepted else ""),
+        )
+    return EXIT_OK
+
+
+def _cmd_api(conn: Connection, args: Any, out: _Output) -> int:
+    import inspect
+
+    owners = {id(v): m for m, module in conn.api_modules.items() for v in vars(module).values()}
+    for name in sorted(conn.api):
+        member = conn.api[name]
+        try:
+            signature = str(inspect.signature(member))
+        except (TypeError, ValueError):
+            signature = ""
+        doc = (inspect.getdoc(member) or "").split("\n", 1)[0] if callable(member) else ""
+        module = owners.get(id(member), "")
+        out.emit(
+            {"name": name, "module": module, "signature": signature, "doc": doc},
+            f"{name}{signature}  [{module}]" + (f"  {doc}" if doc else ""),
+        )
+    return EXIT_OK
+
+
+def _cmd_submit(conn: Connection, args: Any, out: _Output) -> int:
+    import json
+
+    kind: Any = bytes if args.type == "bytes" else conn._codec.types.get(args.type)
+    if kind is None or args.type not in conn.accepted:
+        accepted = ", ".join(conn.accepted) or "nothing"
+        raise _UsageError(f"the connector does not accept {args.type!r}; it accepts: {accepted}")
+    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")  # noqa: SIM115
+    submitted = 0
+    refused: list[RecordError] = []
+    omitted = 0
+    try:
+        for number, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            where = f"{args.file or '<stdin>'}: line {number}"
+            try:
+                data = json.loads(line)
+                if kind is bytes and isinstance(data, str):
+                    data = {"data": data}
+                item = _record_from_json(data, conn._codec, where, expected=kind)
+            except ValueError as exc:
+                text = str(exc) if str(exc).startswith(where) else f"{where}: not JSON ({exc})"
+                raise _UsageError(text) from None
+            while True:
+                try:
+                    conn.submit(item)
+                    break
+                except RecordRefused as error:
+                    refused.extend(error.errors)
+                    omitted += error.omitted
+            submitted += 1
+        while True:
+            try:
+                conn.flush()
+                break
+            except RecordRefused as error:
+                refused.extend(error.errors)
+                omitted += error.omitted
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    count = len(refused) + omitted
+    out.emit(
+        {"submitted": submitted, "refused": count, "errors": [_plain(e) for e in refused]},
+        f"submitted {submitted} record(s) of {args.type}; the server refused {count}",
+    )
+    if count:
+        raise RecordRefused(refused, omitted)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _incoming(
+    conn: Connection, route: str | Subscription, matcher: Mapping[str, Any] | None = None
+) -> Iterator[Callable[[float | None], Any]]:
+    """How ``tail`` and ``record`` take what arrives: ``receive(timeout)``. A route of
+    ``conn.routes`` is subscribed to (with ``matcher``), one of ``conn.taps`` tapped, for as
+    long as this lasts; a ``Subscription`` given is used as it is. A server that offers no
+    routes at all (one without subscriptions): what it sends this client."""
+    if isinstance(route, Subscription):
+        if matcher:
+            raise ValueError("a matcher goes to conn.subscribe(), not with a Subscription")
+        yield route.receive
+        return
+    if not conn.routes and not conn.taps:
+        if matcher:
+            raise _UsageError("this server offers no subscriptions: no matcher possible")
+        yield conn.receive
+        return
+    if route not in conn.routes and route not in conn.taps:
+        offered = ", ".join([*conn.routes, *(f"{t} (tap)" for t in conn.taps)])
+        raise _UsageError(f"the server offers no route {route!r} (it offers: {offered})")
+    sub = conn.subscribe(route, matcher, tap=route not in conn.routes)
+    try:
+        yield sub.receive
+    finally:
+        with contextlib.suppress(MZConnectorError):
+            sub.close()
+
+
+def _matcher(args: Any) -> dict[str, Any] | None:
+    import json
+
+    if args.match is None:
+        return None
+    try:
+        matcher = json.loads(args.match)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--match: not JSON: {exc}") from None
+    if not isinstance(matcher, dict):
+        raise _UsageError("--match: expected a JSON object of field -> value")
+    return matcher
+
+
+def _cmd_tail(conn: Connection, args: Any, out: _Output) -> int:
+    deadline = None if args.seconds is None else time.monotonic() + args.seconds
+    count = 0
+    with _incoming(conn, args.route, _matcher(args)) as receive:
+        try:
+            while args.count is None or count < args.count:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    break
+                try:
+                    item = receive(wait)
+                except Timeout:
+                    break
+                out.emit(_record_json(item), repr(item))
+                count += 1
+        except KeyboardInterrupt:  # the usual way to end a tail
+            pass
+    return EXIT_OK
+
+
+def _cmd_query(conn: Connection, args: Any, out: _Output) -> int:
+    import json
+
+    kinds = conn._query_types.get(args.query)
+    if kinds is None:
+        known = ", ".join(conn._query_types) or "none"
+        raise _UsageError(f"no query {args.query!r} (this server offers: {known})")
+    try:
+        data = json.loads(args.payload)
+        request = _record_from_json(data, conn._codec, "request", expected=kinds[0])
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"the request is not JSON: {exc}") from None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    limit = args.seconds if args.seconds is not None else args.timeout
+    replies = conn.query(args.query, request, timeout=limit)
+    try:
+        for reply in replies:  # each as it arrives
+            out.emit(_record_json(reply), repr(reply))
+    except QueryError as exc:
+        if exc.code in ("unknown-query", "bad-request"):
+            raise _UsageError(str(exc)) from None
+        raise
+    finally:
+        replies.close()  # on Ctrl-C or an error: the server cancels the query
+    return EXIT_OK
+
+
+def _cmd_smoke(conn: Connection, args: Any, out: _Output) -> int:
+    report: dict[str, Any] = {"connected": True, "workflow": conn.workflow}
+    kinds = [n for n in conn.accepted if n != "bytes"]
+    if args.type is not None:
+        if args.type not in conn.accepted:
+            raise _UsageError(f"the connector does not accept {args.type!r}")
+        kinds = [args.type]
+    if kinds and kinds[0] != "bytes":
+        item: Any = _default_record(conn.udrs[kinds[0]], conn._codec)
+    elif "bytes" in conn.accepted:
+        item = b"smoke"
+    else:
+        item = None
+    report["pushed"] = None if item is None else _record_json(item)
+    report["answer"] = None
+    if item is not None:
+        conn.submit(item)
+        conn.flush()
+        try:
+            report["answer"] = _record_json(conn.receive(timeout=args.answer_timeout))
+        except Timeout:
+            pass
+    report["mim"] = dict(conn.mim())
+    answer = "no answer" if report["answer"] is None else "an answer"
+    pushed = "nothing" if item is None else f"one {report['pushed']['_type']}"
+    out.emit(
+        report,
+        f"smoke: connected to {conn.workflow!r}, pushed {pushed}, {answer} within "
+        f"{args.answer_timeout} s, read {len(report['mim'])} MIM values: ok",
+    )
+    return EXIT_OK
+
+
+def _cmd_record(conn: Connection, args: Any, out: _Output) -> int:
+    count = 0
+    try:
+        count = record(
+            conn,
+            args.route,
+            args.path,
+            matcher=_matcher(args),
+            max_records=args.count,
+            seconds=args.seconds,
+            format=args.format,
+        )
+    except KeyboardInterrupt:  # the usual way to end a recording
+        pass
+    out.emit({"recorded": count, "file": args.path}, f"recorded {count} record(s) to {args.path}")
+    return EXIT_OK
+
+
+def _cmd_replay(conn: Connection, args: Any, out: _Output) -> int:
+    pace: str | float = "original" if args.pace == "original" else "fast"
+    if args.speed is not None:
+        pace = args.speed
+    try:
+        report = replay(conn, args.path, pace=pace)
+    except (OSError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    refused = len(report.refused) + report.omitted
+    out.emit(
+        {
+            "sent": report.sent,
+            "refused": refused,
+            "errors": [_plain(e) for e in report.refused],
+            "not_accepted": report.not_accepted,
+            "skipped": report.skipped,
+        },
+        f"replayed {report.sent} record(s) from {args.path}; the server refused {refused}; "
+        f"{report.not_accepted} of types it does not accept and {report.skipped} other "
+        "object(s) were not sent",
+    )
+    if refused:
+        raise RecordRefused(report.refused, report.omitted)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[Connection, Any, _Output], int]] = {
+    "mim": _cmd_mim,
+    "types": _cmd_types,
+    "api": _cmd_api,
+    "submit": _cmd_submit,
+    "tail": _cmd_tail,
+    "query": _cmd_query,
+    "smoke": _cmd_smoke,
+    "record": _cmd_record,
+    "replay": _cmd_replay,
+}
+
+
+# -- arguments, connecting, errors ------------------------------------------------------------
+
+
+class _ArgumentParser:
+    """argparse, with its errors raised (to be said in one line, as JSON with --json)."""
+
+    @staticmethod
+    def make(**kwargs: Any) -> Any:
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message: str) -> typing.NoReturn:
+                raise _UsageError(message)
+
+        return Parser(**kwargs)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _server(text: str) -> tuple[str, int]:
+    import argparse
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> Any:
+    import argparse
+
+    suppress = argparse.SUPPRESS
+    common = _ArgumentParser.make(add_help=False)
+    group = common.add_argument_group("connection and output")
+    group.add_argument("--host", default=suppress, help="server address (127.0.0.1)")
+    group.add_argument("--port", type=int, default=suppress, help=f"port ({DEFAULT_PORT})")
+    group.add_argument(
+        "--server",
+        type=_server,
+        action="append",
+        default=suppress,
+        metavar="HOST:PORT",
+        help="server to connect to, instead of --host/--port (one today; more: failover, "
+        "once the client has it)",
+    )
+    group.add_argument(
+        "--timeout", type=_positive, default=suppress, help="seconds for each answer (10)"
+    )
+    group.add_argument("--name", default=suppress, help="the name the workflow sees")
+    group.add_argument("--tls", action="store_true", default=suppress, help="connect over TLS")
+    group.add_argument("--cafile", default=suppress, help="CA to verify the server (with --tls)")
+    group.add_argument("--certfile", default=suppress, help="client certificate (with --tls)")
+    group.add_argument("--keyfile", default=suppress, help="its key, if apart (with --tls)")
+    group.add_argument(
+        "--server-hostname", default=suppress, help="the name to verify the certificate against"
+    )
+    group.add_argument(
+        "--token-env",
+        default=suppress,
+        metavar="NAME",
+        help=f"read the token from this environment variable (default: {TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=suppress,
+        help="one JSON document per line (keys sorted), errors as JSON on stderr",
+    )
+    parser = _ArgumentParser.make(
+        prog="mzconnector",
+        description="Talk to a running mzconnector workflow server from a shell.",
+        parents=[common],
+        epilog="Exit status: 0 ok, 1 failed, 2 bad arguments or input, 3 cannot connect, "
+        "4 refused (connection, authentication or records), 5 protocol error, 6 timeout, "
+        "130 interrupted.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, text: str) -> Any:
+        return commands.add_parser(name, help=text, description=text, parents=[common])
+
+    command("mim", "print the MIM values")
+    command("types", "print the record types, and which the connector accepts")
+    command("api", "print the functions of the server's API modules")
+    sub = command("submit", "submit records read as JSON lines (stdin or --file)")
+    sub.add_argument("type", metavar="TYPE", help='a record type, or "bytes" (base64)')
+    sub.add_argument("--file", help="read the records from this file (- = stdin)")
+    sub = command("tail", "print records as they arrive on a route")
+    sub.add_argument("route", metavar="ROUTE", help="a route the server offers, or a tap")
+    sub.add_argument("--match", metavar="JSON", help='only records matching {"field": value}')
+    sub.add_argument("--count", type=int, help="stop after this many records")
+    sub.add_argument("--seconds", type=_positive, help="stop after this many seconds")
+    sub = command("query", "ask the workflow a query; print each reply as it arrives")
+    sub.add_argument("query", metavar="NAME")
+    sub.add_argument("payload", metavar="JSON", help="the request: an object of its fields")
+    sub.add_argument(
+        "--seconds", type=_positive, help="the whole query at most (default: --timeout)"
+    )
+    sub = command("smoke", "connect, push one record, receive an answer, read MIM, close")
+    sub.add_argument("--type", help="the record type to push (default: the first accepted)")
+    sub.add_argument(
+        "--answer-timeout", type=_positive, default=2.0, help="seconds to wait for an answer (2)"
+    )
+    sub = command("record", "write records as they arrive to a file, with arrival times")
+    sub.add_argument("route", metavar="ROUTE", help="a route the server offers, or a tap")
+    sub.add_argument("--match", metavar="JSON", help='only records matching {"field": value}')
+    sub.add_argument("path", metavar="FILE", help="JSON lines, or Parquet for *.parquet")
+    sub.add_argument("--format", choices=["jsonl", "parquet"], help="default: by the file name")
+    sub.add_argument("--count", type=int, help="stop after this many records")
+    sub.add_argument("--seconds", type=_positive, help="stop after this many seconds")
+    sub = command("replay", "push a recording back into the workflow")
+    sub.add_argument("path", metavar="FILE")
+    sub.add_argument(
+        "--pace", choices=["fast", "original"], default="fast", help="fast (default) or original"
+    )
+    sub.add_argument("--speed", type=_positive, help="the original pace this many times faster")
+    return parser
+
+
+_DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": DEFAULT_PORT,
+    "server": [],
+    "timeout": 10.0,
+    "name": "mzconnector-cli",
+    "tls": False,
+    "cafile": None,
+    "certfile": None,
+    "keyfile": None,
+    "server_hostname": None,
+    "token_env": None,
+    "json": False,
+}
+
+
+def _token(args: Any) -> str | None:
+    """The token to present: from ``--token-env NAME``, else from ``TOKEN_ENV`` if set."""
+    import os
+
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise _UsageError(f"--token-env {args.token_env}: the variable is not set")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _open(args: Any, token: str | None) -> Connection:
+    """``connect()`` with what the options say. Options the client cannot honour yet are bad
+    arguments, never silently ignored."""
+    import inspect
+
+    accepts = inspect.signature(connect).parameters
+    servers = args.server or [(args.host, args.port)]
+    if len(servers) > 1:
+        raise _UsageError("--server given more than once: this client cannot fail over yet")
+    extra: dict[str, Any] = {}
+    if args.server_hostname is not None:
+        if "server_hostname" not in accepts:
+            raise _UsageError("--server-hostname: this client cannot set it yet")
+        extra["server_hostname"] = args.server_hostname
+    if token is not None and "token" in accepts:
+        extra["token"] = token
+    elif args.token_env is not None:
+        raise _UsageError("--token-env: this client cannot present a token yet")
+    host, port = servers[0]
+    try:
+        return connect(
+            host,
+            port,
+            timeout=args.timeout,
+            name=args.name,
+            tls=args.tls,
+            cafile=args.cafile,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            **extra,
+        )
+    except ValueError as exc:  # TLS files without --tls, and the like
+        raise _UsageError(str(exc)) from None
+
+
+def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, (_UsageError, NotAccepted, SubscriptionError)):
+        return EXIT_USAGE
+    if isinstance(exc, (ConnectionRefused, ConnectionRejected, RecordRefused)):
+        return EXIT_REFUSED
+    if isinstance(exc, Timeout):
+        return EXIT_TIMEOUT
+    # A broken protocol ends a connection as a ConnectionClosed saying so (_handle), and a
+    # handshake with something else than our server as a ConnectError caused by it.
+    if (
+        isinstance(exc, ProtocolError)
+        or isinstance(exc.__cause__, ProtocolError)
+        or (isinstance(exc, ConnectionClosed) and str(exc).startswith("protocol error"))
+    ):
+        return EXIT_PROTOCOL
+    if isinstance(exc, ConnectError):
+        return EXIT_CONNECT
+    return EXIT_FAILED
+
+
+def _say_error(exc: BaseException, status: int, as_json: bool, secrets: list[str]) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    if as_json:
+        kind = type(exc).__name__.lstrip("_")
+        line = _dumps({"error": message, "exit": status, "kind": kind})
+    else:
+        line = f"mzconnector: {message}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``mzconnector [options] COMMAND ...`` (``--help`` lists them).
+    Returns the exit status."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in arguments
+    secrets: list[str] = []
+    try:
+        args = _parser().parse_args(arguments)
+        for key, value in _DEFAULTS.items():
+            if not hasattr(args, key):
+                setattr(args, key, value)
+        as_json = args.json
+        token = _token(args)
+        if token:
+            secrets.append(token)
+        with _open(args, token) as conn:
+            return _COMMANDS[args.command](conn, args, _Output(as_json))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (MZConnectorError, OSError, ImportError) as exc:
+        status = _exit_status(exc)
+        _say_error(exc, status, as_json, secrets)
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ from .auth import TOKEN_VARIABLE, Authenticator, Secret
 from .errors import ConfigError
 from .loader import load_entry
 from .mim import BUILTIN_MIMS
-from .tables import ConfigFile, ConnectorTable, EngineTable, TlsTable, convert_table
+from .tables import ConfigFile, ConnectorTable, EngineTable, HttpTable, TlsTable, convert_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ class Config:
     engine: EngineTable = dataclasses.field(default_factory=EngineTable)
     #: What the config was built from (the TOML's structure), for ``replace_connector``.
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    #: ``[http]``: the HTTP listener (health, readiness, metrics, status page), if a port is set.
+    http: HttpTable = dataclasses.field(default_factory=HttpTable)
 
     @classmethod
     def from_dict(
@@ -110,6 +112,14 @@ class Config:
             connector = {}
         data = {**self.data, "connector": {**connector, **changes}}
         return _build(data, self.base_dir, self.source)
+
+    def replace_http(self, **changes: Any) -> Config:
+        """A copy with some ``[http]`` keys changed (e.g. ``port=0``), checked as the TOML
+        file is."""
+        http = self.data.get("http", {})
+        if not isinstance(http, Mapping):
+            http = {}
+        return _build({**self.data, "http": {**http, **changes}}, self.base_dir, self.source)
 
     def welcome(self, connection_id: int, *, resumed: int = -1, keepalive: float = 0.0) -> Welcome:
         """What a client is told when its connection opens: with how far the server has taken
@@ -190,6 +200,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
 
     connector = raw.connector
     _check_connector(connector, raw, source)
+    _check_ports(connector, raw.http, source)
     processors = tuple(
         Processor(
             name=p.name,
@@ -231,9 +242,27 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         auth=auth,
         engine=engine,
         data=data,
+        http=raw.http,
     )
     _check_welcome_fits(config)
     return config
+
+
+def _check_ports(connector: ConnectorTable, http: HttpTable, source: str) -> None:
+    """The listeners of one server need distinct ports where their addresses overlap (the
+    probe port is on the connector's host; 0, any free port, never clashes)."""
+    taken = {connector.port: "connector.port"}
+    if connector.tcp_probe_port:
+        taken[connector.tcp_probe_port] = "connector.tcp_probe_port"
+        if connector.tcp_probe_port == connector.port:
+            raise ConfigError(
+                source,
+                "connector.tcp_probe_port",
+                f"port {connector.port} is taken by connector.port",
+            )
+    shared = "" in (http.host, connector.host) or http.host == connector.host
+    if http.port and shared and http.port in taken:
+        raise ConfigError(source, "http.port", f"port {http.port} is taken by {taken[http.port]}")
 
 
 def _check_connector(connector: ConnectorTable, raw: ConfigFile, source: str) -> None:

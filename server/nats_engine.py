@@ -185,6 +185,7 @@ class NatsRouteTable(RouteTable):
     ) -> None:
         if route not in self._known:
             raise UnknownRoute(route)
+        self.count(route, records)
         engine = self._engine
         to_connector = route in self._input
         if to_connector:
@@ -365,6 +366,8 @@ class NatsEngine:
         self._consuming = trio.CancelScope()
         self._totals: dict[str, dict[str, Any]] = {}  # instance -> its last MIM values
         self._connected = True
+        self._ready_changed = trio.Event()
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closing = False
         self.max_payload = 1 << 20
         self._record_types = frozenset(config.codec.types.values())
@@ -377,16 +380,19 @@ class NatsEngine:
 
     # -- opening --------------------------------------------------------------------------
     async def open(self) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
         await self.bridge.run(self._open)
 
     async def _open(self) -> None:
         async def disconnected() -> None:
             self._connected = False
+            self._wake_ready_waiters()
             if not self._closing:
                 log.warning("lost the connection to NATS: records wait until it is back")
 
         async def reconnected() -> None:
             self._connected = True
+            self._wake_ready_waiters()
             log.warning("connected to NATS again")
 
         async def error(exc: Exception) -> None:
@@ -478,6 +484,20 @@ class NatsEngine:
         if not self._connected:
             return False, f"NATS at {', '.join(self.urls)} is unreachable"
         return True, ""
+
+    async def wait_ready_changed(self) -> None:
+        await self._ready_changed.wait()
+
+    def _wake_ready_waiters(self) -> None:
+        """From the asyncio thread: wake what waits in ``wait_ready_changed``."""
+
+        def wake() -> None:
+            self._ready_changed.set()
+            self._ready_changed = trio.Event()
+
+        if self._trio_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._trio_token.run_sync_soon(wake)
 
     def spawn(self, function: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._nursery is not None

@@ -33,6 +33,17 @@ class UnknownRoute(LookupError):
     pass
 
 
+class RouteStats:
+    """What went through one route: plain counters, bumped once per batch."""
+
+    __slots__ = ("batches", "queued", "records")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.batches = 0
+        self.queued = 0  # batches in its processor's inbox, not yet processed
+
+
 class InFlight:
     """How many batches are in processors' inboxes or being processed."""
 
@@ -63,6 +74,7 @@ class RouteTable:
         self._targets: dict[str, Target] = {}
         self.processes: dict[str, Target] = {}
         self.in_flight = InFlight()
+        self.stats: dict[str, RouteStats] = {}
         #: Route -> what taps it (objects with ``offer(records)``, which never block): each
         #: batch on the route is offered to them before its consumer takes it.
         self.taps: dict[str, list[Any]] = {}
@@ -81,7 +93,16 @@ class RouteTable:
         if route in self._targets:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
+        self.stats[route] = RouteStats()
         self.processes[route] = process or target
+
+    def count(self, route: str, records: list[Any]) -> None:
+        """One batch of ``records`` sent on ``route``, in its statistics."""
+        stats = self.stats.get(route)
+        if stats is None:
+            stats = self.stats[route] = RouteStats()
+        stats.records += len(records)
+        stats.batches += 1
 
     def add_tap(self, route: str, tap: Any) -> None:
         """From now on, offer each batch on ``route`` to ``tap`` too."""
@@ -111,6 +132,7 @@ class RouteTable:
             target = self._targets[route]
         except KeyError:
             raise UnknownRoute(route) from None
+        self.count(route, records)
         if self.taps:
             for tap in self.taps.get(route, ()):
                 tap.offer(records)

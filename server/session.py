@@ -168,6 +168,7 @@ class ServerConnection:
         self._receiving = False
         self._dropped: str | None = None  # why the server ended it (keepalive, superseded)
         self.ended = trio.Event()
+        self.records_in = 0  # records taken from this client (refused ones not counted)
         self.client_id = ""
         self._tasks: trio.Nursery | None = None
         self._queries: dict[int, QueryCall] = {}
@@ -687,6 +688,7 @@ class ServerConnection:
         counters = self.counters
         counters.records_in += len(records)
         session.taken = first - 1 + skip + len(records) + refused
+        self.records_in += len(records)
         if records:
             info = self.info
             send = connector.routes.send

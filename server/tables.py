@@ -24,6 +24,7 @@ from .errors import ConfigError
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
 class TlsTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -76,6 +77,8 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     outbox_size: Count = 64
     delivery_timeout: Seconds = 5.0
     shutdown_timeout: Seconds = 10.0
+    # A plain TCP port open while the server is ready (Kubernetes TCP probes); None: none.
+    tcp_probe_port: Port | None = None
     # Conversations: internal routes clients may tap; records a subscription holds at most.
     tap_routes: list[str] = []
     durable_limit: Count = 100000
@@ -86,6 +89,15 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     session_memory: SessionMemoryTable = SessionMemoryTable()
     tls: TlsTable = TlsTable()
     auth: AuthTable = AuthTable()
+
+
+class HttpTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[http]``: /healthz, /readyz, /metrics and the status page. No port: no listener."""
+
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    # A Bearer token (or Basic password) for everything but /healthz and /readyz; "": none.
+    token: str = ""
 
 
 class WorkflowTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -131,6 +143,7 @@ class EngineTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     workflow: WorkflowTable = WorkflowTable()
     connector: ConnectorTable = ConnectorTable()
+    http: HttpTable = HttpTable()
     api: ApiTable = ApiTable()
     mim: dict[str, str] = {}
     types: dict[str, dict[str, str]] = {}
@@ -188,6 +201,9 @@ def _join(key: str, name: str) -> str:
 
 def _expected(info: mi.Type) -> str:
     """A TOML type in words: ``an integer from 0 to 65535``, ``a list of strings``."""
+    if isinstance(info, mi.UnionType):  # ``T | None``: TOML has no None, so a T
+        kinds = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        return _expected(kinds[0]) if len(kinds) == 1 else "a value of another type"
     if isinstance(info, mi.IntType):
         low = info.ge if info.ge is not None else (info.gt + 1 if info.gt is not None else None)
         high = info.le if info.le is not None else (info.lt - 1 if info.lt is not None else None)

@@ -23,6 +23,7 @@ from mzconnector import Namespace
 from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import RouteError
+from .health import Health
 from .kv import KvBackend, KvMap
 from .mim import AssignedMims, MimTable
 from .queries import QueryCall
@@ -48,12 +49,14 @@ class ProcessorContext:
     For a query's request: ``ctx.partial(reply)``, ``ctx.complete(reply)``, ``ctx.empty()``,
     ``ctx.error(code, template, parameters)``, ``ctx.cancelled`` and ``ctx.query``.
     ``ctx.kv(name)`` is a shared key-value map.
+    ``ctx.set_unhealthy(reason)`` / ``ctx.set_healthy()``: readiness (``/readyz``).
     """
 
     __slots__ = (
         "_bytes",
         "_control",
         "_full",
+        "_health",
         "_kv",
         "_light",
         "_out",
@@ -79,10 +82,12 @@ class ProcessorContext:
         control: ConnectionControl,
         udrs: Namespace,
         kv: KvBackend,
+        health: Health | None = None,
     ) -> None:
         self._control = control
         self._kv = kv
         self._query: QueryCall | None = None
+        self._health = health if health is not None else Health()
         # Records of declared types are weighed by count alone: light enough.
         self._light = frozenset(udrs[name] for name in udrs)
         self.udrs = udrs
@@ -198,6 +203,17 @@ class ProcessorContext:
         """The open connections."""
         return self._control.connections_info()
 
+    # -- readiness --------------------------------------------------------------------------
+    def set_unhealthy(self, reason: str) -> None:
+        """Declare the workflow unhealthy: the server is not ready (``/readyz`` answers 503
+        with ``reason``, the TCP probe port closes) until this processor calls
+        ``set_healthy()``."""
+        self._health.declare_unhealthy(self.processor, str(reason))
+
+    def set_healthy(self) -> None:
+        """Take back this processor's ``set_unhealthy``."""
+        self._health.declare_healthy(self.processor)
+
     def _take_output(self) -> dict[tuple[str, int | None], list[Any]]:
         out, self._out = self._out, {}
         self._routed = self._bytes = 0
@@ -207,6 +223,19 @@ class ProcessorContext:
 
 def _id(connection: ConnectionInfo | ConnectionRequest | ConnectionEnded | int) -> int:
     return connection if isinstance(connection, int) else connection.id
+
+
+class ProcessorStats:
+    """What one processor did: plain counters, bumped once per batch (busy time is measured
+    with ``trio.current_time()`` around a batch, never per record)."""
+
+    __slots__ = ("batches", "busy", "errors", "records")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.batches = 0
+        self.errors = 0  # records on which it raised
+        self.busy = 0.0  # seconds spent on batches (including waits for room downstream)
 
 
 class ProcessorRunner:
@@ -225,6 +254,7 @@ class ProcessorRunner:
         self.ctx = ctx
         self.routes = workflow.routes
         self.counters = workflow.mim.counters
+        self.stats = ProcessorStats()
         self._lock = trio.Lock()
         self._queued = 0
         self._send, self._inbox = trio.open_memory_channel[Batch](buffer)
@@ -246,12 +276,15 @@ class ProcessorRunner:
                     self._lock.release()
                 return
         in_flight = self.routes.in_flight
+        route_stats = self.routes.stats[batch.route]
         self._queued += 1
+        route_stats.queued += 1
         in_flight.add()
         try:
             await self._send.send(batch)
         except BaseException:
             self._queued -= 1
+            route_stats.queued -= 1
             in_flight.done()
             raise
 
@@ -265,6 +298,7 @@ class ProcessorRunner:
         async for batch in self._inbox:
             async with self._lock:
                 self._queued -= 1
+                self.routes.stats[batch.route].queued -= 1
                 try:
                     await self._process(batch)
                 finally:
@@ -276,6 +310,7 @@ class ProcessorRunner:
         ctx.route_name = batch.route
         ctx.connection = batch.origin
         ctx._target = batch.connection
+        started = trio.current_time()
         if batch.query is not None:
             await self._answer(batch)
         elif self.processor.is_async:
@@ -294,6 +329,10 @@ class ProcessorRunner:
                     self._failed(batch, record, exc)
                 if ctx._full:
                     await self._hand_on(batch)
+        stats = self.stats
+        stats.records += len(batch.records)
+        stats.batches += 1
+        stats.busy += trio.current_time() - started
         await self._hand_on(batch)
 
     async def _answer(self, batch: Batch) -> None:
@@ -330,6 +369,7 @@ class ProcessorRunner:
 
     def _failed(self, batch: Batch, record: Any, exc: Exception) -> None:
         self.counters.processor_errors += 1
+        self.stats.errors += 1
         log.error(
             "processor %r failed on a record from route %r: %s: %s; record: %.300r",
             self.processor.name,
@@ -353,18 +393,27 @@ class Workflow:
         kv: KvBackend,
         *,
         only: Collection[str] | None = None,
+        health: Health | None = None,
     ) -> None:
         """``only``: the names of the processors this process runs (None: every one)."""
         self.config = config
         self.routes = routes
         self.mim = mim
+        self.health = health if health is not None else Health()
         self.runners: list[ProcessorRunner] = []
         udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
             if only is not None and processor.name not in only:
                 continue
             ctx = ProcessorContext(
-                config.workflow, processor.name, routes, mim.assigned, control, udrs, kv
+                config.workflow,
+                processor.name,
+                routes,
+                mim.assigned,
+                control,
+                udrs,
+                kv,
+                self.health,
             )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)
             for route in processor.routes:

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -336,3 +338,44 @@ def test_connection_control_decided_by_a_worker(
     with connect(connector, name="dave", metadata={"token": "secret"}) as dave:
         values = wait_for(lambda: (m := dave.mim())["Ended"] == 2 and m, "both ends told")
         assert values["Last Ended"] in {"alice", "bob"}
+
+
+# -- readiness over NATS -------------------------------------------------------------------------
+
+
+def _http(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _probe_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_not_ready_while_nats_is_away(
+    nats_server: NatsServer, start_server: StartServer, tmp_path: Path
+) -> None:
+    toml = nats_workflow(tmp_path, nats_server, tcp_probe_port=0)
+    connector = start_server(toml, "--role", "connector", "--http-port", "0")
+    assert connector.proc.stdout is not None
+    url = connector.proc.stdout.readline().split()[-1]  # "... status page and probes on URL"
+    probe = int(connector.proc.stdout.readline().split()[-1])  # "... TCP probe port N"
+    assert _http(url + "readyz") == (200, "ready\n")
+    assert _probe_open(probe)
+    metrics = _http(url + "metrics")[1]
+    assert 'engine="nats"' in metrics
+    assert 'role="connector"' in metrics
+    nats_server.stop()
+    _, text = wait_for(lambda: (answer := _http(url + "readyz"))[0] == 503 and answer, "not ready")
+    assert text == f"not ready: engine: NATS at {nats_server.url} is unreachable\n"
+    assert _http(url + "healthz")[0] == 200  # alive all the same
+    assert 'mzconnector_ready{workflow="rel_log"} 0.0' in _http(url + "metrics")[1]
+    wait_for(lambda: not _probe_open(probe), "the probe port closed")
+    nats_server.start()
+    wait_for(lambda: _http(url + "readyz")[0] == 200, "ready again")
+    wait_for(lambda: _probe_open(probe), "the probe port open again")
