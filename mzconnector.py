@@ -5582,7 +5582,7 @@ EXIT_TIMEOUT = 6  # no answer within --timeout (connected; while connecting it i
 EXIT_INTERRUPTED = 130  # Ctrl-C (tail and record end normally on it: 0)
 
 #: The environment variable a token is read from when --token-env names none.
-TOKEN_ENV = "MZCONNECTOR_TOKEN"
+TOKEN_ENV = TOKEN_VARIABLE
 #: The first line of a JSON lines recording says what it is.
 _RECORDING = "mzconnector recording"
 
@@ -6425,35 +6425,22 @@ def _token(args: Any) -> str | None:
 
 
 def _open(args: Any, token: str | None) -> Connection:
-    """``connect()`` with what the options say. Options the client cannot honour yet are bad
-    arguments, never silently ignored."""
-    import inspect
-
-    accepts = inspect.signature(connect).parameters
+    """``connect()`` with what the options say: several ``--server`` are tried as
+    ``connect()`` tries a list."""
     servers = args.server or [(args.host, args.port)]
-    if len(servers) > 1:
-        raise _UsageError("--server given more than once: this client cannot fail over yet")
-    extra: dict[str, Any] = {}
-    if args.server_hostname is not None:
-        if "server_hostname" not in accepts:
-            raise _UsageError("--server-hostname: this client cannot set it yet")
-        extra["server_hostname"] = args.server_hostname
-    if token is not None and "token" in accepts:
-        extra["token"] = token
-    elif args.token_env is not None:
-        raise _UsageError("--token-env: this client cannot present a token yet")
-    host, port = servers[0]
+    where: Any = [f"{h}:{p}" for h, p in servers] if len(servers) > 1 else servers[0][0]
     try:
         return connect(
-            host,
-            port,
+            where,
+            servers[0][1],
             timeout=args.timeout,
             name=args.name,
+            token=token,
             tls=args.tls,
             cafile=args.cafile,
             certfile=args.certfile,
             keyfile=args.keyfile,
-            **extra,
+            server_hostname=args.server_hostname,
         )
     except ValueError as exc:  # TLS files without --tls, and the like
         raise _UsageError(str(exc)) from None

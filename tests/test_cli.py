@@ -9,6 +9,7 @@ import datetime
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -445,10 +446,9 @@ def welcome_then_silence(conn: Any) -> None:
         (["bogus"], 2, "argument COMMAND: invalid choice: 'bogus'"),
         (["--timeout", "0", "mim"], 2, "argument --timeout: expected a number above 0"),
         (["--cafile", "ca.pem", "mim"], 2, "cafile= given with tls=False"),
-        (["--server", "a:1", "--server", "b:2", "mim"], 2, "this client cannot fail over yet"),
         (["--server", "nowhere", "mim"], 2, "argument --server: expected HOST:PORT"),
         (["--token-env", "MZ_TEST_UNSET", "mim"], 2, "MZ_TEST_UNSET: the variable is not set"),
-        (["--server-hostname", "x", "mim"], 2, "--server-hostname: this client cannot set it"),
+        (["--server-hostname", "x", "mim"], 2, "server_hostname= given with tls=False"),
         (["query", "top", "{}"], 2, "no query 'top' (this server offers: none)"),
         (["tail", "nowhere"], 2, "the server offers no route 'nowhere' (it offers: back)"),
     ],
@@ -528,12 +528,39 @@ def test_timeout(cli: Any) -> None:
 def test_an_error_never_shows_the_token(
     echo_server: ServerProcess, cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("MZCONNECTOR_TOKEN", "tok-very-secret")
+    monkeypatch.setenv("MZCONNECTOR_AUTH_TOKEN", "tok-very-secret")
     monkeypatch.chdir(tmp_path)
     status, _, err = cli(echo_server, "submit", "Subscriber", "--file", "tok-very-secret")
     assert status == 1
     assert "tok-very-secret" not in err
     assert "***" in err
+
+
+def test_a_token_from_a_named_variable_and_a_list_of_servers(
+    start_server: Callable[..., ServerProcess],
+    tmp_path: Path,
+    cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    toml = (ROOT / "server" / "default" / "echo.toml").read_text()
+    toml = toml.replace('entry = "echo.py:echo"', 'entry = "mzserver.default.echo:echo"')
+    toml += '\n[connector.auth]\ntoken = "tok-cli-secret"\n'
+    (tmp_path / "auth.toml").write_text(toml)
+    server = start_server(str(tmp_path / "auth.toml"))
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{dead.getsockname()[1]}"  # bound, not listening: refused
+        here = f"127.0.0.1:{server.port}"
+        monkeypatch.setenv("MZ_CLI_TOKEN", "tok-cli-secret")
+        args = ["--server", nowhere, "--server", here, "--token-env", "MZ_CLI_TOKEN"]
+        status, out, err = cli(None, *args, "--json", "mim")
+        assert (status, err) == (0, "")
+        assert documents(out)[0]["Workflow Name"] == "echo"
+        monkeypatch.setenv("MZ_CLI_TOKEN", "tok-cli-wrong")
+        status, out, err = cli(None, "--server", here, "--token-env", "MZ_CLI_TOKEN", "mim")
+        assert status == 4
+        assert "authentication failed" in err
+        assert "tok-cli" not in err + "".join(out)
 
 
 # -- as processes -----------------------------------------------------------------------------
