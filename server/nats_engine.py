@@ -168,6 +168,13 @@ class NatsRouteTable(RouteTable):
         if first:
             self._engine.start_tap(route)
 
+    async def tap_ready(self, route: str) -> None:
+        # The tap's consumer takes what is published after it exists: wait for it, so that a
+        # client told "subscribed" misses nothing sent after.
+        ready = self._engine.tap_ready.get(route)
+        if ready is not None:
+            await ready.wait()
+
     def remove_tap(self, route: str, tap: Any) -> None:
         super().remove_tap(route, tap)
         if route not in self.taps:
@@ -363,6 +370,7 @@ class NatsEngine:
         self._replies_for: dict[tuple[int, int], QueryCall] = {}  # (connection, id) -> call
         self._remote_calls: dict[tuple[str, int, int], RemoteQueryCall] = {}
         self._taps: dict[str, trio.CancelScope] = {}
+        self.tap_ready: dict[str, trio.Event] = {}  # per tapped route: its consumer exists
         self._consuming = trio.CancelScope()
         self._totals: dict[str, dict[str, Any]] = {}  # instance -> its last MIM values
         self._connected = True
@@ -806,27 +814,25 @@ class NatsEngine:
     def start_tap(self, route: str) -> None:
         scope = trio.CancelScope()
         self._taps[route] = scope
-        self.spawn(self._tap, route, scope)
+        self.tap_ready[route] = ready = trio.Event()
+        self.spawn(self._tap, route, scope, ready)
 
     def stop_tap(self, route: str) -> None:
+        ready = self.tap_ready.pop(route, None)
+        if ready is not None:
+            ready.set()  # nobody waits for a tap that is gone
         scope = self._taps.pop(route, None)
         if scope is not None:
             scope.cancel()
 
-    async def _tap(self, route: str, scope: trio.CancelScope) -> None:
+    async def _tap(self, route: str, scope: trio.CancelScope, ready: trio.Event) -> None:
         """Copies of what flows on a route between processors, for the taps on it."""
         name = f"t_{self.instance}_{route}"
         with scope:
-            await self.bridge.run(
-                self._consumer,
-                ConsumerConfig(
-                    durable_name=name,
-                    filter_subject=f"{self.stream}.r.{route}",
-                    deliver_policy=DeliverPolicy.NEW,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=60.0,
-                ),
-            )
+            try:
+                await self._create_tap(name, route)
+            finally:
+                ready.set()  # made, or failed (logged): a subscriber waits no longer
             subscription = await self._subscription(name)
             try:
                 while True:
@@ -838,6 +844,18 @@ class NatsEngine:
             finally:
                 with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self.bridge.run(self.js.delete_consumer, self.stream, name)
+
+    async def _create_tap(self, name: str, route: str) -> None:
+        await self.bridge.run(
+            self._consumer,
+            ConsumerConfig(
+                durable_name=name,
+                filter_subject=f"{self.stream}.r.{route}",
+                deliver_policy=DeliverPolicy.NEW,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=60.0,
+            ),
+        )
 
     # -- connection control from a worker -------------------------------------------------
     def remote_control(self) -> ConnectionControl:

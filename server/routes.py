@@ -108,6 +108,9 @@ class RouteTable:
         """From now on, offer each batch on ``route`` to ``tap`` too."""
         self.taps.setdefault(route, []).append(tap)
 
+    async def tap_ready(self, route: str) -> None:
+        """Returns once a tap added on ``route`` sees every batch sent from now on."""
+
     def remove_tap(self, route: str, tap: Any) -> None:
         taps = self.taps.get(route, [])
         if tap in taps:

@@ -535,6 +535,8 @@ class ServerConnection:
         self._subs[event.id] = sub
         if not sub.tap:
             self._subscribed[sub.route] += 1
+        else:
+            await connector.routes.tap_ready(sub.route)
         await self.outbox.put_message(Answer(event.id))  # before any of its records
         self._spawn(sub.run)
 
