@@ -326,7 +326,10 @@ def test_connection_control_decided_by_a_worker(
         connect(connector, name="mallory", metadata={"token": "guess"})
     assert rejected.value.reason == "bad token for mallory"
     with connect(connector, name="alice", metadata={"token": "secret"}) as alice:
-        request = wait_for(lambda: alice.mim()["Last Request"], "the request in the totals")
+        request = wait_for(
+            lambda: "|alice|" in (r := alice.mim()["Last Request"] or "") and r,
+            "alice's request in the totals",
+        )
         assert request.split("|")[:2] == [str(alice.connection_id), "alice"]
         alice.submit(alice.udrs.Subscriber(msisdn="x", balance=1))
         assert alice.receive(timeout=30).msisdn == "x"
