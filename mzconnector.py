@@ -3951,14 +3951,13 @@ class Connection(_ClientBase):
         self._finalizer()
 
 
-class Subscription:
-    """A subscription (``conn.subscribe``): iterate it (``for record in sub``), or
-    ``sub.receive(timeout=None)``. ``stop()`` pauses delivery and ``start()`` resumes it;
-    ``close()`` ends it, and any iteration of it. With ``ack="client"``, acknowledge records
-    with ``ack(record)`` or ``ack_all(record)``: the server sends at most ``max_pending``
-    unacknowledged records. ``dropped`` counts records it missed because it fell behind."""
+class _SubscriptionBase:
+    """What both clients' subscriptions share: the request they were made with, and their
+    state (``dropped``, ``closed``)."""
 
-    def __init__(self, conn: Connection, state: _SubState) -> None:
+    _conn: Any
+
+    def __init__(self, conn: Any, state: _SubState) -> None:
         self._conn = conn
         self._state = state
         message = state.message
@@ -3971,7 +3970,8 @@ class Subscription:
     def __repr__(self) -> str:
         what = "tap" if self.tap else "subscription"
         state = f"closed: {self._state.closed}" if self._state.closed else "open"
-        return f"<mzconnector.Subscription {what} on {self.route!r} {self.matcher} ({state})>"
+        name = type(self).__name__
+        return f"<mzconnector.{name} {what} on {self.route!r} {self.matcher} ({state})>"
 
     @property
     def dropped(self) -> int:
@@ -3980,6 +3980,16 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._state.closed is not None
+
+
+class Subscription(_SubscriptionBase):
+    """A subscription (``conn.subscribe``): iterate it (``for record in sub``), or
+    ``sub.receive(timeout=None)``. ``stop()`` pauses delivery and ``start()`` resumes it;
+    ``close()`` ends it, and any iteration of it. With ``ack="client"``, acknowledge records
+    with ``ack(record)`` or ``ack_all(record)``: the server sends at most ``max_pending``
+    unacknowledged records. ``dropped`` counts records it missed because it fell behind."""
+
+    _conn: Connection
 
     def receive(self, timeout: float | None = None) -> Any:
         """The next record; waits at most ``timeout`` seconds (forever if None), then raises
@@ -5421,33 +5431,12 @@ class AsyncConnection(_ClientBase):
             self._notify()
 
 
-class AsyncSubscription:
+class AsyncSubscription(_SubscriptionBase):
     """A subscription of the async client (``await conn.subscribe(...)``): ``async for record
     in sub``, ``await sub.receive(timeout=None)``, and ``await`` for ``stop``, ``start``,
     ``close``, ``ack`` and ``ack_all``; otherwise as ``Subscription``."""
 
-    def __init__(self, conn: AsyncConnection, state: _SubState) -> None:
-        self._conn = conn
-        self._state = state
-        message = state.message
-        self.route = message.route
-        self.matcher = dict(message.matcher)
-        self.ack_mode = message.ack
-        self.durable = message.durable or None
-        self.tap = message.tap
-
-    def __repr__(self) -> str:
-        what = "tap" if self.tap else "subscription"
-        state = f"closed: {self._state.closed}" if self._state.closed else "open"
-        return f"<mzconnector.AsyncSubscription {what} on {self.route!r} ({state})>"
-
-    @property
-    def dropped(self) -> int:
-        return self._state.dropped
-
-    @property
-    def closed(self) -> bool:
-        return self._state.closed is not None
+    _conn: AsyncConnection
 
     async def receive(self, timeout: float | None = None) -> Any:
         """The next record; ``Timeout`` after ``timeout`` seconds (forever if None);

@@ -133,6 +133,16 @@ def push(conn: mzconnector.Connection, client: str, seqs: range) -> None:
     conn.flush()
 
 
+def two_connectors_and_a_worker(
+    tmp_path: Path, nats: NatsServer, start_server: StartServer
+) -> tuple[ServerProcess, ServerProcess]:
+    toml = nats_workflow(tmp_path, nats)
+    first = start_server(toml, "--role", "connector")
+    second = start_server(toml, "--role", "connector")
+    start_server(toml, "--role", "worker")
+    return first, second
+
+
 # -- the workflow over NATS -----------------------------------------------------------------------
 
 
@@ -187,10 +197,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(
 def test_two_connectors_route_back_to_their_own_clients(
     nats_server: NatsServer, start_server: StartServer, log: Log, tmp_path: Path
 ) -> None:
-    toml = nats_workflow(tmp_path, nats_server)
-    first = start_server(toml, "--role", "connector")
-    second = start_server(toml, "--role", "connector")
-    start_server(toml, "--role", "worker")
+    first, second = two_connectors_and_a_worker(tmp_path, nats_server, start_server)
     with connect(first) as a, connect(second) as b:
         for i in range(20):
             a.submit(b"to a %d" % i)
@@ -229,10 +236,7 @@ def test_nats_restarted_under_load_loses_nothing_acknowledged(
 def test_mim_values_are_totals_over_the_processes(
     nats_server: NatsServer, start_server: StartServer, log: Log, tmp_path: Path
 ) -> None:
-    toml = nats_workflow(tmp_path, nats_server)
-    first = start_server(toml, "--role", "connector")
-    second = start_server(toml, "--role", "connector")
-    start_server(toml, "--role", "worker")
+    first, second = two_connectors_and_a_worker(tmp_path, nats_server, start_server)
     with connect(first) as a, connect(second) as b:
         push(a, "m", range(300))
         push(b, "m", range(300, 500))
