@@ -2,7 +2,7 @@
 
 Copy this one file next to a notebook; it needs only ``msgspec`` (``pip install msgspec``).
 Optional: ``pandas`` (DataFrame helpers), ``tqdm`` (progress bars), ``anyio`` (the async
-client under trio).
+client under trio), ``pyarrow`` (Parquet recordings).
 
     import mzconnector
     with mzconnector.connect("127.0.0.1", 7777, timeout=10) as conn:
@@ -24,6 +24,8 @@ here, so client and server can never disagree about a byte. Sections, in depende
                      socket (``_ReadTurn``)
 7. pandas helpers    records to a DataFrame and back
 8. Async connection  ``connect_async()``, ``AsyncConnection``: asyncio, or anyio (asyncio, trio)
+9. Command line      ``mzconnector COMMAND`` (or ``python mzconnector.py COMMAND``), and
+                     ``record``/``replay``: traffic to a file and back into a workflow
 
 Exceptions::
 
@@ -63,8 +65,11 @@ import itertools
 import keyword
 import linecache
 import operator
+import os
 import pickle
+import random
 import re
+import secrets
 import select
 import selectors
 import socket
@@ -73,12 +78,13 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import types
 import typing
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import msgspec
 
@@ -135,6 +141,7 @@ __protocol__ = [
     "FrameColumns",
     "GetMim",
     "Hello",
+    "Keepalive",
     "KvRequest",
     "Message",
     "Mim",
@@ -167,6 +174,7 @@ __protocol__ = [
     "encode_frame",
     "encode_record_frames",
     "frame_columns",
+    "naive_datetime",
     "parse_type",
     "recast_columns",
     "type_name",
@@ -184,6 +192,10 @@ MAX_BATCH_RECORDS = 65536
 #: After a call last read the socket, the background reader waits this long before it reads.
 _IDLE = 0.05
 _HEADER = struct.Struct(">I")
+#: The environment variable a client reads its token from when ``connect`` is given none (the
+#: server reads it too, when its file has no ``[connector.auth]``).
+TOKEN_VARIABLE = "MZCONNECTOR_AUTH_TOKEN"
+_E = TypeVar("_E", bound=BaseException)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +204,23 @@ _HEADER = struct.Struct(">I")
 
 
 class MZConnectorError(Exception):
-    """Base class of every error this module raises."""
+    """Base class of every error this module raises. One that comes from a message the server
+    sent keeps it as ``raw`` (the decoded message, for bug reports; None otherwise), and its
+    repr shows it."""
+
+    #: The server's message this error comes from (None: it comes from this side).
+    raw: Any = None
+
+    def __repr__(self) -> str:
+        if self.raw is None:
+            return super().__repr__()
+        return f"{type(self).__name__}({str(self)!r}, raw={self.raw!r})"
+
+
+def _with_raw(error: _E, raw: Any) -> _E:
+    """``error``, keeping the server's message it comes from."""
+    error.raw = raw
+    return error
 
 
 class ConnectError(MZConnectorError):
@@ -225,6 +253,11 @@ class ServerShuttingDown(ConnectionRefused):
     """The server refused the connection: it is shutting down."""
 
 
+class AuthenticationFailed(ConnectionRefused):
+    """The server refused the connection: the token is wrong or missing (it says no more, and
+    the same for both)."""
+
+
 class ApiModuleError(ConnectError):
     """An API module the server ships cannot run here: it imports a package this Python does
     not have, or it raised. ``module`` names it; the connection was not opened."""
@@ -234,7 +267,13 @@ class ApiModuleError(ConnectError):
         self.module = module
 
 
-__all__ += ["ApiModuleError", "ConnectionLimitReached", "HelloRefused", "ServerShuttingDown"]
+__all__ += [
+    "ApiModuleError",
+    "AuthenticationFailed",
+    "ConnectionLimitReached",
+    "HelloRefused",
+    "ServerShuttingDown",
+]
 
 
 class ConnectionClosed(MZConnectorError):
@@ -295,9 +334,24 @@ class Timeout(MZConnectorError, TimeoutError):
 
 
 class ConnectionLost(ConnectionClosed, Timeout):
-    """The server did not answer a ``flush``, ``mim`` or ``close`` within the timeout: the
-    connection is taken for lost and closed (``unacknowledged`` holds what it did not take).
-    Also a ``Timeout``."""
+    """The server did not answer: a ``flush``, ``mim`` or ``close`` within its timeout, or the
+    keepalive's pings. The connection is taken for lost and closed (``unacknowledged`` holds
+    what it did not take). Also a ``Timeout``. With ``auto_reconnect``, the connection goes on
+    and this ends only what was in flight when the link broke (a query, a key-value or
+    subscription request), naming it."""
+
+
+class SchemaChanged(ConnectionClosed):
+    """After reconnecting, the server declares other record types than before (it was
+    restarted with another workflow); ``changes`` says what changed. The connection is closed:
+    records of the old types would not fit the new ones."""
+
+    def __init__(self, changes: list[str], unacknowledged: list[Any] | None = None) -> None:
+        super().__init__(
+            "the server's record types changed while reconnecting: " + "; ".join(changes),
+            unacknowledged,
+        )
+        self.changes = changes
 
 
 class SchemaError(MZConnectorError, ValueError):
@@ -321,7 +375,8 @@ class QueryError(MZConnectorError):
         super().__init__(self.message)
 
     def __repr__(self) -> str:
-        return f"QueryError(code={self.code!r}, message={self.message!r})"
+        raw = "" if self.raw is None else f", raw={self.raw!r}"
+        return f"QueryError(code={self.code!r}, message={self.message!r}{raw})"
 
 
 class SubscriptionError(MZConnectorError, ValueError):
@@ -648,19 +703,22 @@ def encode_frame(message: Message) -> bytearray:
     return buf
 
 
-def encode_record_frames(items: list[Any], max_frame_size: int) -> list[bytearray]:
+def encode_record_frames(items: list[Any], max_frame_size: int, first: int = 0) -> list[bytearray]:
     """``Records`` frames holding ``items`` (declared records, bytes or ``Pickled``), split so
     that no frame exceeds ``max_frame_size`` nor holds more than ``MAX_BATCH_RECORDS``. A
-    single item too large raises ``LocalProtocolError``."""
+    single item too large raises ``LocalProtocolError``. ``first`` numbers the first item in
+    the client's session (each frame says the number of its own first item); 0: unnumbered."""
     if len(items) > MAX_BATCH_RECORDS:
         return [
             frame
             for start in range(0, len(items), MAX_BATCH_RECORDS)
             for frame in encode_record_frames(
-                items[start : start + MAX_BATCH_RECORDS], max_frame_size
+                items[start : start + MAX_BATCH_RECORDS],
+                max_frame_size,
+                first + start if first else 0,
             )
         ]
-    frame = encode_frame(Records(msgspec.Raw(_encoder.encode(items))))
+    frame = encode_frame(Records(msgspec.Raw(_encoder.encode(items)), first))
     if len(frame) - 4 <= max_frame_size:
         return [frame]
     if len(items) == 1:
@@ -669,8 +727,8 @@ def encode_record_frames(items: list[Any], max_frame_size: int) -> list[bytearra
             f"(the maximum frame size is {max_frame_size} bytes)"
         )
     half = len(items) // 2
-    return encode_record_frames(items[:half], max_frame_size) + encode_record_frames(
-        items[half:], max_frame_size
+    return encode_record_frames(items[:half], max_frame_size, first) + encode_record_frames(
+        items[half:], max_frame_size, first + half if first else 0
     )
 
 
@@ -875,6 +933,12 @@ class Protocol:
         """This side's state."""
         return self.states[self.role]
 
+    @property
+    def ended(self) -> bool:
+        """Whether the end of the stream was fed: a frame cut short then is a lost link, not
+        a peer that broke the protocol."""
+        return self._eof
+
     def send(self, message: Message) -> bytearray:
         frame = encode_frame(message)
         if len(frame) - 4 > self.max_frame_size:
@@ -918,6 +982,46 @@ class Protocol:
             receiver = Role.SERVER if sender is Role.CLIENT else Role.CLIENT
             if states[receiver] is not State.ERROR:
                 states[receiver] = change[1]
+
+
+class Keepalive:
+    """When to ping an idle link and when to give it up, for either side, without I/O: the
+    caller passes the time and sends the ``Ping`` it is handed.
+
+    ``heard()`` says something arrived (a flag: no clock is read on the hot path). At each
+    ``deadline`` the caller calls ``tick(now)``: after traffic it just moves the deadline on;
+    after ``interval`` seconds of silence it returns a ``Ping`` to send; once ``misses`` pings
+    in a row went unanswered, ``dead`` is True. So a silent link is given up between
+    ``misses + 1`` and ``misses + 2`` intervals after the last thing heard.
+    """
+
+    def __init__(self, interval: float, misses: int, now: float) -> None:
+        self.interval = interval
+        self.misses = misses
+        self.deadline = now + interval
+        self.dead = False
+        self.unanswered = 0
+        self._heard = False
+        self._ids = itertools.count(1)
+
+    def heard(self) -> None:
+        self._heard = True
+
+    def tick(self, now: float) -> Ping | None:
+        """The ``Ping`` to send now, if one is due (None otherwise; see ``dead``)."""
+        if self._heard:
+            self._heard = False
+            self.unanswered = 0
+            self.deadline = now + self.interval
+            return None
+        if now < self.deadline or self.dead:
+            return None
+        if self.unanswered >= self.misses:
+            self.dead = True
+            return None
+        self.unanswered += 1
+        self.deadline = now + self.interval
+        return Ping(next(self._ids))
 
 
 def batch_length(items: msgspec.Raw | bytes) -> int:
@@ -1242,6 +1346,31 @@ def build_record_types(
 #: What encoding a value that msgpack cannot hold raises (an int out of range, a lone surrogate,
 #: a datetime out of range in UTC, an object of another type, a cycle).
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+def naive_datetime(value: Any) -> str | None:
+    """Where a plain value (a key-value map's) holds a datetime without a timezone (``""``
+    for the value itself, ``[2]``, ``['at']``), or None. msgpack has no naive datetime: it
+    would be stored as a string and read back as one."""
+    if isinstance(value, datetime.datetime):
+        return "" if value.utcoffset() is None else None
+    if isinstance(value, (list, tuple)):
+        parts: Iterable[tuple[str, Any]] = ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        parts = ((f"[{key!r}]", item) for key, item in value.items())
+    else:
+        return None
+    for step, part in parts:
+        path = naive_datetime(part)
+        if path is not None:
+            return step + path
+    return None
+
+
+_NAIVE_DATETIME = (
+    "a datetime without a timezone would come back as a string; give it one "
+    "(tzinfo=datetime.timezone.utc)"
+)
 
 
 def _encode_problem(value: Any) -> tuple[str, str]:
@@ -2132,11 +2261,16 @@ class _Transport:
                 return wake
         return bool(ready)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """End the stream both ways (a thread waiting in it wakes), without closing it: the
+        file descriptor cannot be reused under a thread still polling it."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.shutdown()
         for selector in self._selectors.values():
             selector.close()
         self.sock.close()
@@ -2246,7 +2380,8 @@ def _describe_tls_error(exc: ssl.SSLError, where: str) -> str:
         if "mismatch" in detail or "hostname" in detail.lower():
             return (
                 f"TLS handshake failed: the server's certificate is not valid for the host name "
-                f"you connected to ({detail})"
+                f"you connected to ({detail}); connect by a name it has, or pass "
+                f"server_hostname= that name (a server reached by IP or through a tunnel)"
             )
         return f"TLS handshake failed: the server's certificate cannot be verified ({detail})"
     if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "packet length" in text:
@@ -2292,7 +2427,10 @@ _REFUSALS: dict[str, type[ConnectionRefused]] = {
     "limit": ConnectionLimitReached,
     "protocol": HelloRefused,
     "shutdown": ServerShuttingDown,
+    "auth": AuthenticationFailed,
 }
+#: Refusals a reconnecting client does not retry: the server will say the same again.
+_FINAL_REFUSALS = (AuthenticationFailed, HelloRefused, ConnectionRejected)
 
 
 class _Handshake:
@@ -2313,33 +2451,12 @@ class _Handshake:
     """
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        timeout: float,
-        name: str,
-        metadata: Mapping[str, Any] | None,
-        client_id: str,
-        client: str,
-        tls: bool,
-        cert_given: bool,
+        self, host: str, port: int, *, timeout: float, hello: Hello, tls: bool, cert_given: bool
     ) -> None:
-        self.where = f"{host}:{port}"
+        self.where = _where(host, port)
         self.timeout = timeout
         self.protocol = Protocol(Role.CLIENT)
-        hello = Hello(
-            PROTOCOL_VERSION,
-            name=name,
-            metadata=dict(metadata or {}),
-            client=f"{client} (Python {sys.version.split()[0]})",
-            client_id=client_id,
-        )
-        try:
-            self.hello = self.protocol.send(hello)
-        except _ENCODE_ERRORS:
-            path, problem = _encode_problem(hello.metadata)
-            raise ValueError(f"metadata{path} cannot be encoded: {problem}") from None
+        self.hello = self.protocol.send(hello)  # (the dialer checked that it encodes)
         self._tls = tls
         self._hint = _handshake_hint(tls, cert_given)
         self._opened = False
@@ -2368,11 +2485,11 @@ class _Handshake:
             return event
         if isinstance(event, Refuse):
             if event.code == "rejected":
-                raise ConnectionRejected(event.reason)
+                raise _with_raw(ConnectionRejected(event.reason), event)
             refused = _REFUSALS.get(event.code, ConnectionRefused)
-            raise refused(f"{where} refused the connection: {event.reason}")
+            raise _with_raw(refused(f"{where} refused the connection: {event.reason}"), event)
         if isinstance(event, Error):
-            raise ConnectError(f"{where} reported an error: {event.message}")
+            raise _with_raw(ConnectError(f"{where} reported an error: {event.message}"), event)
         # The protocol admits nothing else before a Welcome: the server closed.
         raise ConnectError(f"{where} closed the connection during the handshake {self._hint}")
 
@@ -2399,6 +2516,252 @@ class _Handshake:
             raise ConnectError(
                 f"{where} dropped the connection during the handshake {self._hint}: {exc}"
             ) from exc
+
+
+def _where(host: str, port: int) -> str:
+    """An address as a person writes it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addresses(host: str | Iterable[str], port: int) -> list[tuple[str, int]]:
+    """The servers ``connect`` is given: one host (on ``port``), ``"host-a:7777|host-b:7777"``,
+    or a list of ``"host[:port]"`` (a host without a port is on ``port``)."""
+    entries = host.split("|") if isinstance(host, str) else list(host)
+    out = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise TypeError(f"a server is a 'host' or 'host:port' string, not {entry!r}")
+        text = entry.strip()
+        name, number = text, port
+        if text.startswith("["):  # [v6]:port or [v6]
+            close = text.find("]")
+            name, rest = text[1:close], text[close + 1 :]
+            if close < 0 or (rest and not rest.startswith(":")):
+                raise ValueError(f"cannot read the server address {entry!r}")
+            if rest:
+                number = _port(rest[1:], entry)
+        elif text.count(":") == 1:
+            name, _, digits = text.partition(":")
+            number = _port(digits, entry)
+        if not name:
+            raise ValueError(f"the server address {entry!r} names no host")
+        out.append((name, number))
+    if not out:
+        raise ValueError("connect needs at least one server")
+    return out
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"the server address {entry!r} has no valid port (1 to 65535)")
+    return int(text)
+
+
+class _Dialer:
+    """Where and how a client connects, and reconnects: the servers (tried in random order,
+    so that clients spread over them), TLS, and the Hello, which is the same for every
+    connection of a client so that a reconnection resumes its session. It holds the token:
+    its repr never shows it."""
+
+    def __init__(
+        self,
+        host: str | Iterable[str],
+        port: int,
+        *,
+        timeout: float,
+        name: str,
+        metadata: Mapping[str, Any] | None,
+        client_id: str,
+        client: str,
+        token: str | None,
+        keepalive: float,
+        keepalive_misses: int,
+        tls: bool | ssl.SSLContext,
+        cafile: str | None,
+        certfile: str | None,
+        keyfile: str | None,
+        server_hostname: str | None,
+    ) -> None:
+        self.addresses = _addresses(host, port)
+        self.context = _tls_context(tls, cafile, certfile, keyfile)
+        if server_hostname is not None and self.context is None:
+            raise ValueError("server_hostname= given with tls=False: it names the TLS server")
+        self.server_hostname = server_hostname
+        self.cert_given = bool(certfile)
+        self.timeout = timeout
+        if keepalive < 0 or keepalive_misses < 0:
+            raise ValueError("keepalive and keepalive_misses are at least 0 (0: off)")
+        #: Seconds between pings of an idle link, and pings unanswered before it is given
+        #: up; 0 in either: no keepalive.
+        self.keepalive = keepalive if keepalive and keepalive_misses else 0.0
+        self.keepalive_misses = keepalive_misses
+        if token is None:
+            token = os.environ.get(TOKEN_VARIABLE, "")
+        if not isinstance(token, str):
+            raise TypeError("token= is a string")
+        self._hello = Hello(
+            PROTOCOL_VERSION,
+            name=name,
+            metadata=dict(metadata or {}),
+            client=f"{client} (Python {sys.version.split()[0]})",
+            client_id=client_id,
+            token=token,
+            session=secrets.token_hex(16),
+            keepalive=self.keepalive,
+        )
+        try:
+            _encoder.encode(self._hello)
+        except _ENCODE_ERRORS:
+            path, problem = _encode_problem(self._hello.metadata)
+            raise ValueError(f"metadata{path} cannot be encoded: {problem}") from None
+
+    def __repr__(self) -> str:
+        return f"<mzconnector dialer for {', '.join(_where(*a) for a in self.addresses)}>"
+
+    @property
+    def session(self) -> str:
+        return self._hello.session
+
+    def order(self) -> list[tuple[str, int]]:
+        """The servers, in the order to try them now."""
+        return random.sample(self.addresses, len(self.addresses))
+
+    def handshake(self, host: str, port: int) -> _Handshake:
+        return _Handshake(
+            host,
+            port,
+            timeout=self.timeout,
+            hello=self._hello,
+            tls=self.context is not None,
+            cert_given=self.cert_given,
+        )
+
+    def tls_name(self, host: str) -> str:
+        """The name the server's certificate must have."""
+        return self.server_hostname or host
+
+    def keepalive_state(self) -> Keepalive | None:
+        """A fresh keepalive for a new link (None when off)."""
+        if not self.keepalive:
+            return None
+        return Keepalive(self.keepalive, self.keepalive_misses, time.monotonic())
+
+    @staticmethod
+    def none_answered(failures: list[tuple[str, ConnectError]]) -> ConnectError:
+        """The error when no server answered: the one server's own; for several, one that
+        names each address and why (of their class when they all failed alike)."""
+        if len(failures) == 1:
+            return failures[0][1]
+        kinds = {type(exc) for _, exc in failures}
+        kind = kinds.pop() if len(kinds) == 1 else ConnectError
+        if kind is ConnectionRejected or kind is ApiModuleError:
+            kind = ConnectError
+        why = "; ".join(f"{where}: {exc}" for where, exc in failures)
+        error = kind(f"cannot connect to any of {len(failures)} servers: {why}")
+        error.failures = failures  # type: ignore[attr-defined]
+        return error
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection is (``conn.state``); ``connect(..., on_state_change=callback)`` is
+    told each change."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    DISCONNECTING = "disconnecting"
+    DISCONNECTED = "disconnected"
+
+
+__all__ += ["ConnectionState", "SchemaChanged"]
+
+_CONNECTING = ConnectionState.CONNECTING
+_CONNECTED = ConnectionState.CONNECTED
+_RECONNECTING = ConnectionState.RECONNECTING
+_DISCONNECTING = ConnectionState.DISCONNECTING
+_DISCONNECTED = ConnectionState.DISCONNECTED
+
+#: The changes a connection's state may make; anything else is a bug of ours.
+_STATE_CHANGES: dict[ConnectionState, frozenset[ConnectionState]] = {
+    _CONNECTING: frozenset([_CONNECTED, _RECONNECTING, _DISCONNECTED]),
+    _CONNECTED: frozenset([_RECONNECTING, _DISCONNECTING, _DISCONNECTED]),
+    _RECONNECTING: frozenset([_CONNECTED, _DISCONNECTING, _DISCONNECTED]),
+    _DISCONNECTING: frozenset([_DISCONNECTED]),
+    _DISCONNECTED: frozenset([_RECONNECTING]),  # conn.reconnect() brings a lost one back
+}
+
+
+class _Lifecycle:
+    """A connection's state, its changes in order (for ``on_state_change``, which each front
+    end calls outside its locks), and the wait before each reconnection attempt: without I/O
+    or locks, and with the random source and the first delay passed in, for the tests."""
+
+    def __init__(
+        self,
+        *,
+        attempts: int | None,
+        max_delay: float,
+        first_delay: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        if attempts is not None and attempts < 1:
+            raise ValueError("reconnect_attempts is at least 1 (None: no limit)")
+        if max_delay < 0:
+            raise ValueError("reconnect_max_delay is at least 0")
+        self.state = _CONNECTING
+        self.changes: collections.deque[ConnectionState] = collections.deque([_CONNECTING])
+        self.attempts = attempts
+        self.max_delay = max_delay
+        self.first_delay = first_delay
+        self._rng = rng or random.Random()
+
+    def change(self, state: ConnectionState) -> bool:
+        """Go to ``state`` (False if it is there already); the change is queued in ``changes``."""
+        if state is self.state:
+            return False
+        if state not in _STATE_CHANGES[self.state]:
+            raise RuntimeError(f"a connection cannot go from {self.state.name} to {state.name}")
+        self.state = state
+        self.changes.append(state)
+        return True
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnection attempt ``attempt`` (1, 2, ...): none before
+        the first (the server may be back already); then doubling from ``first_delay``, at
+        most ``max_delay``, each with jitter (a random point of its upper half), so that the
+        clients of a restarted server do not all come back at the same instant."""
+        if attempt <= 1:
+            return 0.0
+        ceiling = min(self.max_delay, self.first_delay * 2 ** min(attempt - 2, 64))
+        return ceiling * (0.5 + 0.5 * self._rng.random())
+
+    def exhausted(self, attempts_made: int) -> bool:
+        return self.attempts is not None and attempts_made >= self.attempts
+
+
+def _schema_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two schemas (type name -> field -> type), in words."""
+
+    def norm(kind: str) -> str:
+        return "".join(str(kind).split())
+
+    changes = [f"type {name} was removed" for name in old if name not in new]
+    changes += [f"type {name} was added" for name in new if name not in old]
+    for name, fields in old.items():
+        if name not in new:
+            continue
+        now = new[name]
+        found = [f"{name}.{f} was removed" for f in fields if f not in now]
+        found += [
+            f"{name}.{f} changed from {fields[f]} to {now[f]}"
+            for f in fields
+            if f in now and norm(fields[f]) != norm(now[f])
+        ]
+        found += [f"{name}.{f} was added ({now[f]})" for f in now if f not in fields]
+        if not found and list(fields) != list(now):
+            found.append(f"the fields of {name} were reordered")
+        changes += found
+    return changes
 
 
 class UnloadableObject:
@@ -2434,6 +2797,11 @@ class _Ledger:
     sent and not yet acknowledged, and the records it refused itself (too large for a frame),
     so that the server's record numbers map back to the order of ``submit``.
 
+    Records sent are numbered in the client's session, from 1, across reconnections: each
+    frame says the number of its first record (one integer per batch), the server's ``Ack``
+    counts these numbers, and after a reconnection ``resume`` gives the frames to send again,
+    with their numbers, so that the server takes each record once.
+
     The sender counts batches in (``frames``, one sender at a time) while whoever reads the
     socket takes them out (``ack``, ``in_submit_order``): the ledger has its own lock, so that
     a reader never waits for a sender (which may wait for a server that does not read).
@@ -2443,7 +2811,10 @@ class _Ledger:
         self.codec = codec
         self.max_frame_size = max_frame_size
         self.sent = 0  # records sent to the server
-        self.unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        # (number of the last record, what ``unacknowledged`` shows, for a column batch the
+        # DataFrame's rows to make its frame again from)
+        self.unacked: collections.deque[tuple[int, list[Any], tuple[FrameColumns, int, int] | None]]
+        self.unacked = collections.deque()
         self.refused_here: list[int] = []  # submit indices of records refused by the client
         self._lock = threading.Lock()
 
@@ -2452,24 +2823,28 @@ class _Ledger:
         or are too large for a frame, are left out and returned as errors."""
         refused: list[int] = []
         errors: list[RecordError] = []
+        first = self.sent + 1
         try:
-            frames = encode_record_frames(records, self.max_frame_size)
+            frames = encode_record_frames(records, self.max_frame_size, first)
         except (LocalProtocolError, *_ENCODE_ERRORS):
             records, refused, errors = self._sift(records)
-            frames = encode_record_frames(records, self.max_frame_size) if records else []
+            frames = encode_record_frames(records, self.max_frame_size, first) if records else []
         with self._lock:
             self.refused_here += refused
             if records:
                 self.sent += len(records)
-                self.unacked.append((self.sent, records))
+                self.unacked.append((self.sent, records, None))
         return frames, errors
 
-    def columns(self, rows: int, part: Any) -> None:
-        """A column batch of ``rows`` rows was sent; ``part`` (its rows of the DataFrame) is
-        what ``unacknowledged`` shows until the server acknowledges them."""
+    def columns(self, prepared: FrameColumns, start: int, stop: int) -> bytearray:
+        """The ``Columns`` frame of rows ``start`` to ``stop`` of a prepared DataFrame, which
+        are then counted as sent; until the server acknowledges them, ``unacknowledged`` shows
+        them as a slice of the DataFrame."""
+        frame = prepared.frame(start, stop, self.sent + 1)
         with self._lock:
-            self.sent += rows
-            self.unacked.append((self.sent, [part]))
+            self.sent += stop - start
+            self.unacked.append((self.sent, [prepared.part(start, stop)], (prepared, start, stop)))
+        return frame
 
     def _sift(self, records: list[Any]) -> tuple[list[Any], list[int], list[RecordError]]:
         """The records that can go, and the submit indices and errors of those that cannot.
@@ -2503,6 +2878,24 @@ class _Ledger:
             while self.unacked and self.unacked[0][0] <= taken:
                 self.unacked.popleft()
 
+    def resume(self, resumed: int) -> list[bytearray]:
+        """After reconnecting: forget what the server says it has taken of the session
+        (``resumed``; -1 when it does not know the session), and the frames to send again for
+        the rest, with their numbers (the server drops what it took before by number)."""
+        if resumed >= 0:
+            self.ack(resumed)
+        with self._lock:
+            batches = list(self.unacked)
+        frames: list[bytearray] = []
+        for end, records, columns in batches:
+            if columns is None:
+                first = end - len(records) + 1
+                frames += encode_record_frames(records, self.max_frame_size, first)
+            else:
+                prepared, start, stop = columns
+                frames.append(prepared.frame(start, stop, end - (stop - start) + 1))
+        return frames
+
     def in_submit_order(self, errors: list[RecordError]) -> list[RecordError]:
         """The server numbers the records it received; renumber them in submit order."""
         with self._lock:
@@ -2520,7 +2913,7 @@ class _Ledger:
 
     def unacknowledged(self) -> list[Any]:
         with self._lock:
-            return [r for _, batch in self.unacked for r in batch]
+            return [r for _, batch, _ in self.unacked for r in batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2539,7 +2932,7 @@ class _Call:
         self.name = name
         self.replies: collections.deque[Any] = collections.deque()
         self.done = False
-        self.error: QueryError | None = None
+        self.error: MZConnectorError | None = None
 
 
 class _SubState:
@@ -2552,15 +2945,35 @@ class _SubState:
     def __init__(self, message: Subscribe) -> None:
         self.message = message
         self.id = message.id
-        self.inbox: collections.deque[tuple[int, Any]] = collections.deque()
+        # Records and their numbers (None: from before a reconnection, not acknowledged).
+        self.inbox: collections.deque[tuple[int | None, Any]] = collections.deque()
         self.dropped = 0
         self.closed: str | None = None
         self.unacked: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.acked = 0  # the last number acknowledged (ack="auto")
+        self.confirmed = False  # the server has answered its Subscribe
+        self.stopped = False  # stopped by the client (re-established stopped)
+        self.stale: list[Any] = []  # handed out before a reconnection, not acknowledged
+
+    def rebase(self) -> None:
+        """The connection was re-established, and this subscription on it: the server numbers
+        its records afresh. A durable subscription redelivers what was not acknowledged, so
+        what waits here is dropped; another keeps what waits here, handed out without
+        acknowledgement (the new server never sent it). Acknowledging a record handed out
+        before is a no-op."""
+        if self.message.durable:
+            self.inbox.clear()
+        else:
+            self.inbox = collections.deque((None, record) for _, record in self.inbox)
+        self.stale = [*self.stale, *self.unacked.values()][-self.message.max_pending :]
+        self.unacked.clear()
+        self.acked = 0
 
     def hand_out(self) -> tuple[Any, SubAck | None]:
         """The next record, and the acknowledgement to send for it now (if any)."""
         seq, record = self.inbox.popleft()
+        if seq is None:
+            return record, None
         ack = self.message.ack
         if ack == "client":
             self.unacked[seq] = record
@@ -2569,8 +2982,9 @@ class _SubState:
             return record, SubAck(self.id, seq, through=True)
         return record, None
 
-    def ack(self, record: Any, through: bool) -> SubAck:
-        """The acknowledgement of a record handed out (``through``: and all before it)."""
+    def ack(self, record: Any, through: bool) -> SubAck | None:
+        """The acknowledgement of a record handed out (``through``: and all before it); None
+        for one handed out before a reconnection (nothing to acknowledge)."""
         if self.message.ack != "client":
             raise SubscriptionError(
                 f"this subscription acknowledges by itself (ack={self.message.ack!r}); "
@@ -2578,6 +2992,10 @@ class _SubState:
             )
         seq = next((s for s, held in self.unacked.items() if held is record), None)
         if seq is None:
+            for i, held in enumerate(self.stale):
+                if held is record:
+                    del self.stale[i]
+                    return None
             raise SubscriptionError("that record is not one this subscription is waiting for")
         if through:
             while self.unacked and next(iter(self.unacked)) <= seq:
@@ -2590,22 +3008,41 @@ class _SubState:
 _NOTHING = object()  # what a key-value map holds under a key that is not there
 
 
+#: What an awaited ``Answer`` becomes when the link it was awaited on is lost.
+_ANSWER_LOST = Answer(0, error="the connection was lost")
+
+
+def _describe_request(message: Subscribe | SubscriptionControl | KvRequest) -> str:
+    """A request, as an error names it."""
+    if isinstance(message, Subscribe):
+        return f"subscribing to {message.route!r}"
+    if isinstance(message, SubscriptionControl):
+        return f"{message.op} of subscription #{message.id}"
+    return f"{message.op} on key-value map {message.map!r}"
+
+
 class _ClientBase:
     """What the blocking and the async connection share, without I/O or locks: the record
     types and API modules the server announced, what it accepts, the ledger of what was sent,
-    and what the server's messages change. Each front end adds its I/O and its locking."""
+    what the server's messages change, and what a reconnection changes (``_resume_plan``).
+    Each front end adds its I/O, its locking, and how it reconnects."""
 
-    def __init__(self, protocol: Protocol, welcome: Welcome, *, timeout: float) -> None:
+    def __init__(
+        self,
+        protocol: Protocol,
+        welcome: Welcome,
+        *,
+        timeout: float,
+        dialer: _Dialer,
+        auto_reconnect: bool,
+        lifecycle: _Lifecycle,
+        on_state_change: Callable[[Any, ConnectionState], Any] | None,
+    ) -> None:
         self._protocol = protocol
-        protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
-        self.connection_id = welcome.connection_id
-        self.workflow = welcome.workflow
         self.timeout = timeout
+        self._dialer = dialer
+        self._schema = welcome.schema
         self._codec = RecordCodec(welcome.schema)
-        self.accepted = tuple(welcome.accepted)
-        self._accepted_classes = frozenset(
-            [bytes, bytearray, memoryview] if "bytes" in welcome.accepted else []
-        ) | {self._codec.types[n] for n in welcome.accepted if n != "bytes"}
         self._decoder = self._codec.decoder([*welcome.schema, "bytes"], pickled=True)
         self.udrs = Namespace("record types", self._codec.types)
         self._buf: list[Any] = []
@@ -2618,14 +3055,45 @@ class _ClientBase:
         self._acked = 0
         self._errors: list[RecordError] = []
         self._omitted = 0  # refused records the server counted without describing
+        self._refused: list[Refused] = []  # the messages that said so (for RecordRefused.raw)
         self._mim_replies: collections.deque[dict[str, Any]] = collections.deque()
         self._closed: str | None = None
+        self._closed_raw: Message | None = None  # the server's message that closed it, if any
+        self._final: ConnectionClosed | None = None  # what calls raise once closed, if special
         self._failure: BaseException | None = None  # what broke the connection, if ours
         self.dropped = 0
         self.api = Namespace("API", {})
         self.api_modules: dict[str, types.ModuleType] = {}
         # Conversations: queries, subscriptions and key-value requests, each with an id.
         self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._subs: dict[int, _SubState] = {}
+        self._answers: dict[int, Answer | None] = {}  # awaited: None until it arrives
+        self._cancels: list[int] = []  # queries given up on, to tell the server
+        # Staying connected: the state, and the link (a new one, with a new number, after each
+        # reconnection). _down says why the link is down while a reconnection is under way.
+        self._auto = auto_reconnect
+        self._lifecycle = lifecycle
+        self._on_state_change = on_state_change
+        self._generation = 1
+        self._down: str | None = None
+        self._closing = False
+        self._owed: collections.deque[Message] = collections.deque()  # pings and pongs to send
+        self._ka = dialer.keepalive_state()
+        # Subscriptions re-established on a new link: answers to swallow (an error closes it).
+        self._resubscribing: collections.Counter[int] = collections.Counter()
+        self._adopt(welcome)
+
+    def _adopt(self, welcome: Welcome) -> None:
+        """What a Welcome says besides the record types (which a reconnection keeps)."""
+        self._protocol.max_frame_size = welcome.max_frame_size  # the server's limit binds both ways
+        self._ledger.max_frame_size = welcome.max_frame_size
+        self.connection_id = welcome.connection_id
+        self.workflow = welcome.workflow
+        self.accepted = tuple(welcome.accepted)
+        self._accepted_classes = frozenset(
+            [bytes, bytearray, memoryview] if "bytes" in welcome.accepted else []
+        ) | {self._codec.types[n] for n in welcome.accepted if n != "bytes"}
         self._query_types = {
             name: (self._codec.types[q.request], self._codec.types[q.reply])
             for name, q in welcome.queries.items()
@@ -2636,13 +3104,9 @@ class _ClientBase:
         #: Routes this client can subscribe to, and internal routes it can tap.
         self.routes = tuple(welcome.routes)
         self.taps = tuple(welcome.taps)
-        self._calls: dict[int, _Call] = {}
-        self._subs: dict[int, _SubState] = {}
-        self._answers: dict[int, Answer | None] = {}  # awaited: None until it arrives
-        self._cancels: list[int] = []  # queries given up on, to tell the server
 
     def __repr__(self) -> str:
-        state = f"closed: {self._closed}" if self._closed else "open"
+        state = f"closed: {self._closed}" if self._closed else self._lifecycle.state.value
         return (
             f"<mzconnector.{type(self).__name__} #{self.connection_id} to workflow "
             f"{self.workflow!r} ({state})>"
@@ -2651,6 +3115,11 @@ class _ClientBase:
     @property
     def closed(self) -> bool:
         return self._closed is not None
+
+    @property
+    def state(self) -> ConnectionState:
+        """Where the connection is: a ``ConnectionState``."""
+        return self._lifecycle.state
 
     def _load_api(self, modules: list[ApiModule]) -> None:
         provided = {
@@ -2783,15 +3252,25 @@ class _ClientBase:
             )
         return segments
 
+    def _refusal(self) -> RecordRefused:
+        """The records refused since the last call, as the error to raise (then forgotten).
+        The caller holds whatever guards them."""
+        error = RecordRefused(self._errors, self._omitted)
+        error.raw = self._refused[0] if len(self._refused) == 1 else list(self._refused)
+        self._errors, self._omitted, self._refused = [], 0, []
+        return error
+
     def _apply(self, event: Any) -> bool:
-        """Apply what the server said (anything but records); True when the connection is
-        over. The caller holds whatever guards the state."""
+        """Apply what the server said (anything but records); True when the link is over.
+        The caller holds whatever guards the state."""
         if isinstance(event, Ack):
             self._ledger.ack(event.taken)
-            self._acked = event.taken
+            if event.taken > self._acked:
+                self._acked = event.taken
         elif isinstance(event, Refused):
             self._errors.extend(self._ledger.in_submit_order(event.errors))
             self._omitted += event.omitted
+            self._refused.append(event)
         elif isinstance(event, Mim):
             self._mim_replies.append(event.values)
         elif isinstance(event, QueryReply):
@@ -2802,7 +3281,8 @@ class _ClientBase:
         elif isinstance(event, QueryFailed):
             call = self._calls.get(event.id)
             if call is not None:
-                call.error = QueryError(event.code, event.template, event.parameters)
+                error = QueryError(event.code, event.template, event.parameters)
+                call.error = _with_raw(error, event)
                 call.done = True
         elif isinstance(event, SubRecords):
             state = self._subs.get(event.id)
@@ -2811,19 +3291,32 @@ class _ClientBase:
                 state.inbox.extend(zip(itertools.count(event.first), items))
                 state.dropped += event.dropped
         elif isinstance(event, Answer):
-            if event.id in self._answers:
+            if self._resubscribing[event.id]:  # a subscription re-established after reconnecting
+                self._resubscribing[event.id] -= 1
+                state = self._subs.get(event.id)
+                if event.error and state is not None:
+                    del self._subs[event.id]
+                    state.closed = (
+                        f"it could not be re-established after reconnecting: {event.error}"
+                    )
+            elif event.id in self._answers:
                 self._answers[event.id] = event
+        elif isinstance(event, Ping):
+            self._owed.append(Pong(event.id))
+        elif isinstance(event, Pong):
+            pass  # anything that arrives tells the keepalive the link is alive
         elif isinstance(event, Notice):
             self.dropped += event.dropped
             warnings.warn(f"mzconnector: {event.message}", RuntimeWarning, stacklevel=1)
         elif isinstance(event, Bye):
-            self._mark_closed(f"the server closed the connection: {event.reason or 'bye'}")
+            reason = f"the server closed the connection: {event.reason or 'bye'}"
+            self._link_lost(reason, raw=event)
             return True
         elif isinstance(event, Error):
-            self._mark_closed(f"the server reported an error: {event.message}")
+            self._mark_closed(f"the server reported an error: {event.message}", raw=event)
             return True
         elif isinstance(event, Closed):
-            self._mark_closed("the server closed the connection")
+            self._link_lost("the server closed the connection")
             return True
         return False
 
@@ -2854,7 +3347,8 @@ class _ClientBase:
 
     def _start_query(self, name: str, request: Any) -> tuple[Query, _Call]:
         """The message that asks a query, checked here first: an unknown name or a request
-        that does not fit its type is a ``QueryError`` before anything is sent."""
+        that does not fit its type is a ``QueryError`` before anything is sent. The call is
+        registered (``_calls``) as it is sent, on the link it is sent on."""
         types_ = self._query_types.get(name)
         if types_ is None:
             known = ", ".join(self._query_types) or "none"
@@ -2867,7 +3361,6 @@ class _ClientBase:
                 "bad-request", "the request does not match {0}: {1}", [where, exc.problem]
             ) from None
         call = _Call(next(self._ids), name)
-        self._calls[call.id] = call
         return Query(call.id, name, msgspec.Raw(encoded)), call
 
     def _start_subscription(
@@ -2900,30 +3393,27 @@ class _ClientBase:
             key=key or "",
             tap=tap,
         )
-        state = _SubState(message)
-        self._subs[state.id] = state  # before the answer: its records may follow at once
-        self._answers[message.id] = None
-        return message, state
+        return message, _SubState(message)
 
     def _subscribed(self, state: _SubState, answer: Answer) -> None:
         if answer.error:
-            del self._subs[state.id]
-            raise SubscriptionError(answer.error)
+            self._subs.pop(state.id, None)
+            raise _with_raw(SubscriptionError(answer.error), answer)
+        state.confirmed = True
 
     def _abandon(self, call: _Call) -> None:
         """A query's replies were dropped unread: cancel it with the next message sent."""
         if self._calls.pop(call.id, None) is not None and not call.done:
             self._cancels.append(call.id)
 
-    def _start_request(self) -> int:
-        """An id for a request whose ``Answer`` will be awaited."""
-        request_id = next(self._ids)
-        self._answers[request_id] = None
-        return request_id
-
-    def _take_answer(self, request_id: int) -> Answer:
-        answer = self._answers.pop(request_id)
+    def _take_answer(self, request: Subscribe | SubscriptionControl | KvRequest) -> Answer:
+        answer = self._answers.pop(request.id)
         assert answer is not None
+        if answer is _ANSWER_LOST:
+            raise ConnectionLost(
+                f"{_describe_request(request)} was in flight when the connection was lost; it "
+                "was not sent again (it may or may not have been done)"
+            )
         return answer
 
     def _kv_request(self, name: str, op: str, key: Any = None, value: Any = None) -> KvRequest:
@@ -2936,14 +3426,17 @@ class _ClientBase:
         except _ENCODE_ERRORS:
             path, problem = _encode_problem(value)
             raise KvError(f"cannot store this value{path}: {problem}") from None
+        naive = None if kind else naive_datetime(value)
+        if naive is not None:
+            raise KvError(f"cannot store this value{naive}: {_NAIVE_DATETIME}")
         return KvRequest(
-            self._start_request(), name, op, msgspec.Raw(encoded_key), kind, msgspec.Raw(encoded)
+            next(self._ids), name, op, msgspec.Raw(encoded_key), kind, msgspec.Raw(encoded)
         )
 
     def _kv_result(self, request: KvRequest, answer: Answer) -> Any:
         """What a key-value request found (``_NOTHING`` for a key that is not there)."""
         if answer.error:
-            raise KvError(f"map {request.map!r}: {answer.error}")
+            raise _with_raw(KvError(f"map {request.map!r}: {answer.error}"), answer)
         op = request.op
         if op == "get":
             return self._kv_value(answer.kind, answer.value) if answer.found else _NOTHING
@@ -2958,9 +3451,60 @@ class _ClientBase:
         cls = self._codec.types.get(kind) if kind else None
         return msgspec.msgpack.decode(value, type=cls) if cls else msgspec.msgpack.decode(value)
 
-    def _mark_closed(self, reason: str) -> None:
+    # -- staying connected: what a reconnection changes, without I/O --------------------------
+    def _resume_plan(self, welcome: Welcome) -> tuple[list[bytearray], list[Message]]:
+        """The new link is up (its Welcome checked): adopt it, and what to send on it first.
+        What the server had not acknowledged is resent, with its numbers (frames); queries and
+        requests in flight on the old link end with ``ConnectionLost``; subscriptions are made
+        again (messages). The caller holds whatever guards the state."""
+        self._adopt(welcome)
+        self._generation += 1
+        frames = self._ledger.resume(welcome.resumed)
+        self._acked = max(self._acked, welcome.resumed)
+        for call in self._calls.values():
+            if not call.done:
+                call.error = ConnectionLost(
+                    f"query {call.name!r} was in flight when the connection was lost; it was "
+                    "not asked again (it may or may not have been answered)"
+                )
+                call.done = True
+        pending = {i for i, answer in self._answers.items() if answer is None}
+        for request_id in pending:
+            self._answers[request_id] = _ANSWER_LOST
+        messages: list[Message] = []
+        self._resubscribing.clear()
+        for sub_id, state in list(self._subs.items()):
+            if not state.confirmed:  # its own Subscribe was in flight: that call fails
+                del self._subs[sub_id]
+                continue
+            state.rebase()
+            messages.append(state.message)
+            self._resubscribing[sub_id] += 1
+            if state.stopped:
+                messages.append(SubscriptionControl(sub_id, "stop"))
+                self._resubscribing[sub_id] += 1
+        self._cancels.clear()  # the server forgot the old link's queries
+        self._owed.clear()
+        self._ka = self._dialer.keepalive_state()
+        return frames, messages
+
+    def _still_reconnecting(self, waited: float | None) -> Timeout:
+        within = "" if waited is None else f" within {waited} s"
+        return Timeout(
+            f"not reconnected{within}: still reconnecting (the link was lost: {self._down})"
+        )
+
+    def _link_lost(self, reason: str, *, lost: bool = False, raw: Message | None = None) -> None:
+        """The link broke: reconnect (``auto_reconnect``), else the connection is over."""
+        raise NotImplementedError
+
+    def _mark_closed(
+        self, reason: str, *, raw: Message | None = None, final: ConnectionClosed | None = None
+    ) -> None:
         if self._closed is None:
             self._closed = reason
+            self._closed_raw = raw
+            self._final = final
 
     def _fail(self, where: str, exc: BaseException) -> None:
         """``where`` failed (a bug, or Ctrl-C midway through handling what arrived): the
@@ -2970,22 +3514,38 @@ class _ClientBase:
             self._failure = exc
         self._mark_closed(f"{where} failed: {exc!r}")
 
-    def _give_up(self, reason: str) -> ConnectionLost:
-        """The server did not answer in time: the connection is taken for lost."""
-        self._mark_closed(reason)
+    def _give_up(self, reason: str) -> Timeout:
+        """The server did not answer in time. The link is taken for lost: with
+        ``auto_reconnect`` the call that waited raises ``Timeout`` and the connection
+        reconnects (resending what was not acknowledged); without, the connection is over
+        (``ConnectionLost``)."""
+        if self._auto and not self._closing and self._closed is None:
+            if self._down is not None:
+                return Timeout(f"{reason}: the connection is reconnecting ({self._down})")
+            self._link_lost(reason, lost=True)
+            if self._closed is None:
+                return Timeout(f"{reason}; reconnecting (what it did not acknowledge is resent)")
+        self._mark_closed(reason, final=ConnectionLost(reason))
         return ConnectionLost(reason, self._unacknowledged())  # type: ignore[attr-defined]
 
-    def _closed_error(self) -> ConnectionClosed:
+    def _closed_error(self, unacknowledged: list[Any] | None = None) -> ConnectionClosed:
         """What a call on the closed connection raises."""
-        unacknowledged = self._unacknowledged()  # type: ignore[attr-defined]
+        if unacknowledged is None:
+            unacknowledged = self._unacknowledged()  # type: ignore[attr-defined]
+        final = self._final
+        if final is not None:
+            final.unacknowledged = unacknowledged
+            return final.with_traceback(None)
         error = ConnectionClosed(self._closed or "closed", unacknowledged)
+        error.raw = self._closed_raw
         error.__cause__ = self._failure
         return error
 
     def _handle(self, data: bytes | None = None) -> None:
         """Feed what was read (None: handle only what is buffered, e.g. what arrived with the
         Welcome) and handle every complete event. A broken protocol, or records that do not
-        decode as their declared types, end the connection."""
+        decode as their declared types, end the connection; a frame cut short by the end of
+        the stream is a lost link."""
         protocol = self._protocol
         try:
             if data is not None:
@@ -2994,7 +3554,10 @@ class _ClientBase:
                 if self._on_event(event):  # type: ignore[attr-defined]
                     return
         except ProtocolError as exc:
-            self._mark_closed(f"protocol error: {exc}")
+            if protocol.ended and isinstance(exc, RemoteProtocolError):
+                self._link_lost(f"the connection was lost: {exc}")
+            else:
+                self._mark_closed(f"protocol error: {exc}")
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # (bad UTF-8: the latter)
             self._mark_closed(f"protocol error: records that do not decode: {exc}")
 
@@ -3034,9 +3597,10 @@ class _ReadTurn:
 
     A caller calls ``enter``, then ``acquire`` (until it returns True) and ``release`` around
     each read, then ``leave``; the background reader ``acquire_background`` and
-    ``release_background`` around each read. Every method but ``dispose`` is called holding
-    ``cond``, on which callers wait for their turn (and the connection's callers for their
-    answer).
+    ``release_background`` around each read. While the link is down (reconnecting), ``pause``
+    keeps the background reader out (callers wait for the link instead) until ``resume``.
+    Every method but ``dispose`` is called holding ``cond``, on which callers wait for their
+    turn (and the connection's callers for their answer).
     """
 
     def __init__(
@@ -3058,6 +3622,7 @@ class _ReadTurn:
         self._last_read = -float("inf")  # when a caller last released the socket
         self._woken = False  # a wake byte is on its way to the background reader
         self._closed = False
+        self._paused = False
         self.wake, self._wake_w = socket.socketpair()
 
     # -- callers ----------------------------------------------------------------------------
@@ -3094,6 +3659,9 @@ class _ReadTurn:
         """Wait until the background reader may read (nobody reads, no caller waits, none
         read within ``idle`` s) and give it the socket: True. False once closed."""
         while not self._closed:
+            if self._paused:
+                self._background.wait()
+                continue
             delay = self._idle
             if self.reader is None and not self._waiting:
                 delay = self._last_read + self._idle - self._clock()
@@ -3116,6 +3684,35 @@ class _ReadTurn:
         wait for room in the inbox: nobody needs what it would read)."""
         return self.reader is _Reader.BACKGROUND and not self._waiting
 
+    # -- a link down --------------------------------------------------------------------------
+    def pause(self) -> None:
+        """The link is down: the background reader lets go of the socket (it is woken if it
+        waits in it) and reads no more until ``resume``."""
+        self._paused = True
+        if self.reader is _Reader.BACKGROUND and not self._woken:
+            self._woken = True
+            self._wake_w.send(b"\0")
+        self.cond.notify_all()
+
+    def resume(self) -> None:
+        """A new link is up: the background reader may read it."""
+        self._paused = False
+        self._background.notify_all()
+
+    def reopen(self) -> None:
+        """After ``close``, for a connection brought back (``reconnect``): a background
+        reader may run again (paused, until ``resume``)."""
+        self._closed = False
+        self._paused = True
+        self.wake.setblocking(False)
+        try:
+            while self.wake.recv(64):  # the wake bytes ``close`` left
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self.wake.setblocking(True)
+        self._woken = False
+
     # -- the end ----------------------------------------------------------------------------
     def close(self) -> None:
         """No more reading: the background reader ends (it is woken if it waits)."""
@@ -3134,6 +3731,11 @@ class _ReadTurn:
         self._wake_w.close()
 
 
+def _release_sockets(link: list[Any], turn: _ReadTurn) -> None:
+    link[0].close()
+    turn.dispose()
+
+
 class Connection(_ClientBase):
     """A connection to a connector server. Make one with ``connect()``; use it in a ``with``.
 
@@ -3141,6 +3743,11 @@ class Connection(_ClientBase):
     are waiting, after ``linger`` seconds, or at once on ``flush``/``receive``/``mim``).
     Records the workflow sends back are read in the background and buffered (at most
     ``max_buffered``; beyond that the server holds them back) until you ``receive`` them.
+
+    With ``auto_reconnect``, a thread of the connection reconnects when the link breaks
+    (``state`` is ``RECONNECTING`` meanwhile): calls wait for it, bounded by their timeout;
+    records not acknowledged are resent (each taken once by a server that remembers the
+    session); subscriptions are made again; queries in flight end with ``ConnectionLost``.
     """
 
     def __init__(
@@ -3149,32 +3756,61 @@ class Connection(_ClientBase):
         protocol: Protocol,
         welcome: Welcome,
         *,
+        dialer: _Dialer,
         timeout: float,
         batch_size: int,
         linger: float,
         max_buffered: int,
+        auto_reconnect: bool,
+        lifecycle: _Lifecycle,
+        on_state_change: Callable[[Connection, ConnectionState], Any] | None,
     ) -> None:
-        super().__init__(protocol, welcome, timeout=timeout)
+        super().__init__(
+            protocol,
+            welcome,
+            timeout=timeout,
+            dialer=dialer,
+            auto_reconnect=auto_reconnect,
+            lifecycle=lifecycle,
+            on_state_change=on_state_change,
+        )
         self._transport = transport
         self._batch_size = batch_size
-        self._batch_bytes = min(1 << 20, welcome.max_frame_size // 4)
         self._linger = linger
         self._max_buffered = max_buffered
         # The send side (_buf) is guarded by _send_lock, the receive side by _cond, the ledger
         # by its own lock. Where two are needed, _send_lock is taken first; the ledger's last.
+        # The link (_transport, _protocol) changes only holding both, with no reader in it.
         self._send_lock = threading.Lock()
         self._buf_bytes = 0
         self._first_at = 0.0  # when the oldest buffered record was submitted
         self._linger_armed = threading.Event()
         self._turn = _ReadTurn()
         self._cond = self._turn.cond
+        self._reconnector: threading.Thread | None = None
+        self._stop_reconnecting = threading.Event()  # ends a reconnection's wait (close)
+        self._notifier: threading.Thread | None = None
+        # A connection dropped without close() (a notebook cell re-run, a lost server never
+        # closed) still gives its sockets back when it is collected, without a ResourceWarning.
+        # (The link's transport is in a list: a reconnection replaces it.)
+        self._link = [transport]
+        self._finalizer = weakref.finalize(self, _release_sockets, self._link, self._turn)
         try:
             self._load_api(welcome.api)
             self._handle()  # what arrived with the Welcome
         except BaseException:
-            self._turn.dispose()
+            self._finalizer()
             raise
+        self._start_threads()
+        with self._cond:
+            if self._closed is None and self._down is None:
+                self._change(_CONNECTED)
 
+    def _adopt(self, welcome: Welcome) -> None:
+        super()._adopt(welcome)
+        self._batch_bytes = min(1 << 20, welcome.max_frame_size // 4)
+
+    def _start_threads(self) -> None:
         self._reader = threading.Thread(
             target=self._read_loop, name="mzconnector-reader", daemon=True
         )
@@ -3195,9 +3831,8 @@ class Connection(_ClientBase):
         """Raise what the server told us since the last call."""
         if self._errors:
             with self._cond:
-                errors, self._errors = self._errors, []
-                omitted, self._omitted = self._omitted, 0
-            raise RecordRefused(errors, omitted)
+                error = self._refusal()
+            raise error
         if self._closed is not None:
             raise self._closed_error()
 
@@ -3205,10 +3840,42 @@ class Connection(_ClientBase):
         with self._send_lock:
             return self._ledger.unacknowledged() + self._buf
 
+    def _change(self, state: ConnectionState) -> None:
+        """Go to ``state`` (holding ``_cond``). ``on_state_change`` is called by a thread of
+        its own, in order, never holding a lock of ours: the callback may call the
+        connection (even close it) without waiting for itself."""
+        if not self._lifecycle.change(state):
+            return
+        if self._on_state_change is None:
+            self._lifecycle.changes.clear()
+        elif self._notifier is None:
+            self._notifier = threading.Thread(
+                target=self._notify_loop, name="mzconnector-state", daemon=True
+            )
+            self._notifier.start()
+
+    def _notify_loop(self) -> None:
+        changes = self._lifecycle.changes
+        callback = self._on_state_change
+        assert callback is not None
+        while True:
+            with self._cond:
+                if not changes:
+                    self._notifier = None
+                    return
+                state = changes.popleft()
+            try:
+                callback(self, state)
+            except Exception:
+                print(f"mzconnector: on_state_change({state}) raised:", file=sys.stderr)
+                traceback.print_exc()
+
     # -- submitting -------------------------------------------------------------------------
     def submit(self, record: Any) -> None:
         """Queue one record (or bytes) for the connector; it is sent in a batch shortly.
-        Raises ``NotAccepted`` (nothing is sent) for a type the connector does not accept."""
+        Raises ``NotAccepted`` (nothing is sent) for a type the connector does not accept.
+        While reconnecting it buffers, and waits for the link (at most the connect
+        ``timeout``) once a batch is full."""
         if type(record) not in self._accepted_classes:
             raise self._not_accepted(record)
         if self._errors or self._closed is not None:
@@ -3223,6 +3890,8 @@ class Connection(_ClientBase):
                     self._first_at = time.monotonic()
                     if not self._linger_armed.is_set():
                         self._linger_armed.set()
+        if self._down is not None:
+            self._hold()
 
     def submit_many(self, records: Iterable[Any], *, progress: bool = False) -> int:
         """Queue many records; returns how many. ``progress=True`` shows a tqdm bar."""
@@ -3244,6 +3913,8 @@ class Connection(_ClientBase):
                     if self._buf and not self._linger_armed.is_set():
                         self._first_at = time.monotonic()
                         self._linger_armed.set()
+                if self._down is not None:
+                    self._hold()
                 count += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
@@ -3265,23 +3936,30 @@ class Connection(_ClientBase):
         a frame). Records submitted before go first. ``flush`` acknowledges the rows as it
         does records; until then ``unacknowledged`` holds the DataFrame's unacknowledged rows,
         a slice of it per batch; a row the server refuses is a ``RecordRefused`` naming its
-        index among everything submitted on the connection."""
+        index among everything submitted on the connection. While reconnecting, each batch
+        waits for the link (at most the connect ``timeout``); batches not acknowledged are
+        resent, and taken once."""
         prepared, plan = self._frame_plan(df, type_name)
         self._check()
         for start, stop in plan:
-            frame = prepared.frame(start, stop)
-            with self._send_lock:
-                self._send_buffer()
-                self._ledger.columns(stop - start, prepared.part(start, stop))
-                self._protocol.send_columns([frame])
-                try:
-                    self._transport.send(frame)
-                except OSError as exc:
-                    self._mark_closed(f"lost the connection while sending: {exc}")
-                    raise ConnectionClosed(
-                        self._closed or "", self._unacknowledged_locked()
-                    ) from exc
+            while True:
+                with self._send_lock:
+                    if self._down is None and self._send_buffer():
+                        frame = self._ledger.columns(prepared, start, stop)
+                        self._protocol.send_columns([frame])
+                        try:
+                            self._transport.send(frame)
+                        except OSError as exc:
+                            # In the ledger: resent after reconnecting, or unacknowledged.
+                            self._lost_while_sending(exc)
+                        break
+                self._await_link(time.monotonic() + self.timeout, self.timeout)
         return prepared.rows
+
+    def _hold(self) -> None:
+        """The link is down: a full batch waits for it (at most the connect ``timeout``)."""
+        if len(self._buf) >= self._batch_size or self._buf_bytes >= self._batch_bytes:
+            self._await_link(time.monotonic() + self.timeout, self.timeout)
 
     def _add_bytes(self, size: int) -> bool:
         """Account for a bytes payload; sends the buffer when it is large. Holds _send_lock."""
@@ -3291,10 +3969,13 @@ class Connection(_ClientBase):
             return True
         return False
 
-    def _send_buffer(self) -> None:
-        """Send what ``submit`` buffered. Holds _send_lock."""
+    def _send_buffer(self) -> bool:
+        """Send what ``submit`` buffered (holds _send_lock); False, keeping it, while the
+        link is down."""
         if not self._buf:
-            return
+            return True
+        if self._down is not None:
+            return False
         frames, errors = self._ledger.frames(self._buf)
         self._protocol.send_records(frames)
         self._buf = []
@@ -3305,28 +3986,101 @@ class Connection(_ClientBase):
         try:
             for frame in frames:
                 self._transport.send(frame)
+            if self._owed:
+                self._send_owed_locked()
         except OSError as exc:
-            self._mark_closed(f"lost the connection while sending: {exc}")
-            raise ConnectionClosed(self._closed or "", self._unacknowledged_locked()) from exc
+            # The batch is in the ledger: resent after reconnecting, or reported unacknowledged.
+            self._lost_while_sending(exc)
+        return True
+
+    def _lost_while_sending(self, exc: OSError) -> None:
+        """A send failed (holds _send_lock): the link is lost. Without ``auto_reconnect`` the
+        connection is over, and this raises ``ConnectionClosed``."""
+        self._link_lost(f"lost the connection while sending: {exc}")
+        if self._closed is not None:
+            error = ConnectionClosed(self._closed, self._unacknowledged_locked())
+            raise error from exc
 
     def _unacknowledged_locked(self) -> list[Any]:
         return self._ledger.unacknowledged() + self._buf
 
-    def _send_message(self, message: Message) -> None:
-        with self._send_lock:
-            self._send_buffer()
-            try:
-                while self._cancels:
-                    self._transport.send(self._protocol.send(CancelQuery(self._cancels.pop())))
-                self._transport.send(self._protocol.send(message))
-            except OSError as exc:
-                self._mark_closed(f"lost the connection while sending: {exc}")
-                raise ConnectionClosed(self._closed or "", self._unacknowledged_locked()) from exc
+    def _send_message(
+        self,
+        message: Message,
+        deadline: float | None = None,
+        *,
+        waited: float | None = None,
+        needs_link: bool = True,
+        before: Callable[[], None] | None = None,
+    ) -> int:
+        """Send what is buffered, then ``message``, on the link; returns the number of the
+        link it went on. While the link is down, wait for it (until ``deadline``; ``Timeout``
+        saying it is reconnecting after ``waited`` s), or drop the message when it means
+        nothing on a new link (``needs_link=False``: 0). ``before`` runs just before the send,
+        holding the send lock (what registers the message's conversation)."""
+        while True:
+            with self._send_lock:
+                if self._closed is not None:
+                    raise self._closed_error(self._unacknowledged_locked())
+                if self._down is None:
+                    self._send_buffer()
+                if self._down is None:
+                    if before is not None:
+                        with self._cond:
+                            before()
+                    link = self._generation
+                    try:
+                        while self._cancels:
+                            cancel = CancelQuery(self._cancels.pop())
+                            self._transport.send(self._protocol.send(cancel))
+                        if self._owed:
+                            self._send_owed_locked()
+                        self._transport.send(self._protocol.send(message))
+                    except OSError as exc:
+                        self._lost_while_sending(exc)
+                    return link
+                if not needs_link:
+                    return 0
+            self._await_link(deadline, waited)
+
+    def _send_owed_locked(self) -> None:
+        """The pings and pongs owed to the server (holds _send_lock)."""
+        owed = self._owed
+        while owed:
+            self._transport.send(self._protocol.send(owed.popleft()))
+
+    def _send_owed(self) -> None:
+        """The reader owes the server a ping or a pong: send it unless a sender holds the
+        send lock (a reader never waits for it; that sender sends it with its next frames)."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            if self._down is None and self._closed is None:
+                self._send_owed_locked()
+        except OSError as exc:
+            self._link_lost(f"lost the connection while sending: {exc}")
+        finally:
+            self._send_lock.release()
+
+    def _await_link(self, deadline: float | None, waited: float | None) -> None:
+        """Wait while reconnecting (outside the send lock), at most until ``deadline``;
+        raises the closed connection's error, or ``Timeout``."""
+        with self._cond:
+            while self._down is not None and self._closed is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            down, closed = self._down, self._closed
+        if closed is not None:
+            raise self._closed_error()
+        if down is not None:
+            raise self._still_reconnecting(waited)
 
     def _linger_loop(self) -> None:
         """Send a partly filled batch ``linger`` seconds after its first record. The thread
         sleeps on an event while nothing is buffered, and otherwise wakes once per
-        ``linger``: never once per record."""
+        ``linger``: never once per record. While the link is down it waits for the link."""
         armed = self._linger_armed
         try:
             while self._closed is None:
@@ -3334,15 +4088,21 @@ class Connection(_ClientBase):
                 while self._closed is None:
                     delay = self._first_at + self._linger - time.monotonic()
                     if delay > 0:
-                        time.sleep(delay)
+                        # (Woken early when the connection is closed: set by _mark_closed.)
+                        self._stop_reconnecting.wait(delay)
                     with self._send_lock:
                         if self._closed is not None:
                             return
                         if not self._buf:
                             armed.clear()
                             break
+                        held = False
                         if time.monotonic() >= self._first_at + self._linger:
-                            self._send_buffer()
+                            held = not self._send_buffer()
+                    if held:
+                        with self._cond:
+                            while self._down is not None and self._closed is None:
+                                self._cond.wait()
         except ConnectionClosed:
             return
         except Exception as exc:
@@ -3352,16 +4112,20 @@ class Connection(_ClientBase):
         """Send everything submitted and return once the server has taken all of it (handed
         each record to its route). Raises ``RecordRefused`` if it refused any, and
         ``ConnectionLost`` (the connection is given up) when the server does not answer
-        within ``timeout`` seconds (None: the connect ``timeout``)."""
+        within ``timeout`` seconds (None: the connect ``timeout``); with ``auto_reconnect``,
+        a ``Timeout`` instead, and the connection reconnects and resends."""
         self._check()
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         with self._send_lock:
             target = self._ledger.sent + len(self._buf)
-        self._send_message(Flush())
-        limit = self.timeout if timeout is None else timeout
+        # (If the link breaks after this, the reconnection sends a Flush of its own.)
+        self._send_message(Flush(), deadline, waited=limit)
         self._wait(
             lambda: self._acked >= target or bool(self._errors),
-            limit,
+            max(0.0, deadline - time.monotonic()),
             lambda: self._give_up(f"flush: no answer from the server within {limit} s"),
+            waited=limit,
         )
         self._check()
 
@@ -3454,15 +4218,21 @@ class Connection(_ClientBase):
     def mim(self, timeout: float | None = None) -> MimValues:
         """The workflow's MIM values now: built-in counters and assigned values. Raises
         ``ConnectionLost`` when the server does not answer within ``timeout`` seconds (None:
-        the connect ``timeout``)."""
+        the connect ``timeout``); with ``auto_reconnect``, ``Timeout`` (and it reconnects)."""
         self._check()
-        self._send_message(GetMim())
         limit = self.timeout if timeout is None else timeout
-        self._wait(
-            lambda: bool(self._mim_replies),
-            limit,
-            lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
-        )
+        deadline = time.monotonic() + limit
+        while True:
+            link = self._send_message(GetMim(), deadline, waited=limit)
+            self._wait(
+                lambda link=link: bool(self._mim_replies) or self._generation != link,
+                max(0.0, deadline - time.monotonic()),
+                lambda: self._give_up(f"mim: no answer from the server within {limit} s"),
+                waited=limit,
+            )
+            if self._mim_replies or self._errors or self._closed is not None:
+                break
+            # The link was lost before the answer came: ask the new one.
         if not self._mim_replies:  # closed, with refusals to report first
             self._check()
         with self._cond:
@@ -3475,11 +4245,15 @@ class Connection(_ClientBase):
         ``timeout`` (seconds, None: no limit) bounds the whole query. Leaving the iteration
         early, a timeout or Ctrl-C cancels the query on the server. Raises ``QueryError``:
         at once for an unknown query or a request that does not fit its type (nothing is
-        sent), or when the workflow answers with an error."""
+        sent), or when the workflow answers with an error; ``ConnectionLost`` when the link
+        breaks while it is in flight (it is not asked again)."""
         message, call = self._start_query(name, request)
         self._check()
-        self._send_message(message)
-        replies = self._replies(call, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._send_message(
+            message, deadline, waited=timeout, before=lambda: self._calls.update({call.id: call})
+        )
+        replies = self._replies(call, deadline, timeout)
         weakref.finalize(replies, self._abandon, call)
         return replies
 
@@ -3491,8 +4265,7 @@ class Connection(_ClientBase):
             raise QueryError("not-one", "query {0} gave {1} replies, not one", [name, len(replies)])
         return replies[0]
 
-    def _replies(self, call: _Call, timeout: float | None) -> Iterator[Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _replies(self, call: _Call, deadline: float | None, timeout: float | None) -> Iterator[Any]:
         try:
             while True:
                 if call.replies:
@@ -3511,7 +4284,7 @@ class Connection(_ClientBase):
         finally:
             if self._calls.pop(call.id, None) is not None and not call.done:
                 with contextlib.suppress(ConnectionClosed):
-                    self._send_message(CancelQuery(call.id))
+                    self._send_message(CancelQuery(call.id), needs_link=False)
 
     def subscribe(
         self,
@@ -3529,11 +4302,15 @@ class Connection(_ClientBase):
         """A ``Subscription`` to ``route`` (one of ``conn.routes``, or with ``tap=True`` one
         of ``conn.taps``): the records the workflow sends on it that match ``matcher`` (a
         dict of field -> value; see the README). Raises ``SubscriptionError`` naming what the
-        server refused."""
+        server refused. It is made again on every reconnection."""
         message, state = self._start_subscription(
             route, matcher, ack, max_pending, durable, type, key, tap
         )
-        self._subscribed(state, self._request(message, timeout))
+
+        def register() -> None:  # before the answer: its records may follow at once
+            self._subs[state.id] = state
+
+        self._subscribed(state, self._request(message, timeout, register))
         return Subscription(self, state)
 
     def kv(self, name: str) -> KvMap:
@@ -3541,21 +4318,37 @@ class Connection(_ClientBase):
         return KvMap(self, name)
 
     def _request(
-        self, message: Subscribe | SubscriptionControl | KvRequest, timeout: float | None
+        self,
+        message: Subscribe | SubscriptionControl | KvRequest,
+        timeout: float | None,
+        register: Callable[[], None] | None = None,
     ) -> Answer:
         """Send a request and wait for its ``Answer`` (at most ``timeout`` s, None: the
-        connect ``timeout``; then the connection is taken for lost)."""
+        connect ``timeout``; then the link is taken for lost). ``ConnectionLost`` if the
+        link breaks while it is in flight."""
         self._check()
-        if message.id not in self._answers:
-            self._answers[message.id] = None
-        self._send_message(message)
         limit = self.timeout if timeout is None else timeout
-        self._wait(
-            lambda: self._answers.get(message.id) is not None,
-            limit,
-            lambda: self._give_up(f"no answer from the server within {limit} s"),
-        )
-        return self._take_answer(message.id)
+        deadline = time.monotonic() + limit
+
+        def before() -> None:
+            self._answers[message.id] = None
+            if register is not None:
+                register()
+
+        self._send_message(message, deadline, waited=limit, before=before)
+        try:
+            self._wait(
+                lambda: self._answers.get(message.id) is not None,
+                max(0.0, deadline - time.monotonic()),
+                lambda: self._give_up(f"no answer from the server within {limit} s"),
+                waited=limit,
+            )
+        except BaseException:
+            with self._cond:
+                self._answers.pop(message.id, None)
+            raise
+        with self._cond:
+            return self._take_answer(message)
 
     # -- reading (see _ReadTurn) ------------------------------------------------------------
     def _wait(
@@ -3563,10 +4356,14 @@ class Connection(_ClientBase):
         ready: Callable[[], bool],
         timeout: float | None,
         expired: Callable[[], MZConnectorError],
+        *,
+        waited: float | None = None,
     ) -> None:
-        """Until ``ready()``: read the socket, or wait while another thread reads it, and
-        handle what arrives. Raises ``ConnectionClosed`` once the connection is gone, and what
-        ``expired()`` returns after ``timeout`` seconds (None: no limit)."""
+        """Until ``ready()``: read the socket, or wait while another thread reads it (or
+        while the connection reconnects), and handle what arrives. Raises
+        ``ConnectionClosed`` once the connection is gone, and what ``expired()`` returns after
+        ``timeout`` seconds (None: no limit); while reconnecting then, a ``Timeout`` saying
+        so (after ``waited`` s: the call's whole timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cond, turn = self._cond, self._turn
         with cond:
@@ -3581,38 +4378,63 @@ class Connection(_ClientBase):
                         remaining = None if deadline is None else deadline - time.monotonic()
                         if self._closed is not None or (remaining is not None and remaining <= 0):
                             break
-                        mine = turn.acquire()
+                        mine = self._down is None and turn.acquire()
                         if not mine:
                             cond.wait(remaining)
+                    down = self._down
                 if not mine:  # (the ledger is not read under _cond)
                     if self._closed is not None:
                         raise self._closed_error()
+                    if down is not None:
+                        raise self._still_reconnecting(waited if waited is not None else timeout)
                     raise expired()
                 try:
                     self._read_once(remaining)
                 finally:
                     with cond:
                         turn.release()
+                if self._owed:
+                    self._send_owed()
         finally:
             with cond:
                 turn.leave()
 
     def _read_once(self, timeout: float | None, wake: socket.socket | None = None) -> None:
-        """Read what arrives within ``timeout`` (or until ``wake`` is readable) and handle it.
-        Only the thread whose turn it is calls this."""
+        """Read what arrives within ``timeout`` (or until ``wake`` is readable) and handle it;
+        ping an idle link when its keepalive says so. Only the thread whose turn it is calls
+        this."""
+        ka = self._ka
+        wait = timeout
+        if ka is not None:
+            until = ka.deadline - time.monotonic()
+            if wait is None or until < wait:
+                wait = max(0.0, until)
+        transport = self._transport
         try:
             # A Ctrl-C while waiting here leaves the connection intact: nothing was read.
-            if self._transport.wait_readable(timeout, wake) is not True:
-                return
-            data = self._transport.recv()
+            data = transport.recv() if transport.wait_readable(wait, wake) is True else None
         except OSError as exc:
-            self._mark_closed(f"connection lost: {exc}")
+            self._link_lost(f"connection lost: {exc}")
             return
-        try:
-            self._handle(data)
-        except BaseException as exc:  # what was read is lost: callers must not wait forever
-            self._fail("handling what the server sent", exc)
-            raise
+        if data is not None:
+            if ka is not None:
+                ka.heard()
+            try:
+                self._handle(data)
+            except BaseException as exc:  # what was read is lost: callers must not wait forever
+                self._fail("handling what the server sent", exc)
+                raise
+        if ka is not None and time.monotonic() >= ka.deadline:
+            ping = ka.tick(time.monotonic())
+            if ka.dead:
+                self._link_lost(
+                    f"no answer from the server to {ka.misses} pings, {ka.interval} s apart",
+                    lost=True,
+                )
+            elif ping is not None:
+                self._owed.append(ping)
+        if self._owed:
+            self._send_owed()
 
     def _read_loop(self) -> None:
         """The background reader: reads while no caller waits for the server."""
@@ -3631,8 +4453,8 @@ class Connection(_ClientBase):
             self._fail("the background reader", exc)
 
     def _on_event(self, event: Any) -> bool:
-        """Handle one event; True when the connection is over. Whoever reads calls this; it
-        takes only ``_cond``, never the send lock: a reader never waits behind a long send."""
+        """Handle one event; True when the link is over. Whoever reads calls this; it takes
+        only ``_cond``, never the send lock: a reader never waits behind a long send."""
         cond = self._cond
         batch = None
         if type(event) is Columns:
@@ -3652,6 +4474,7 @@ class Connection(_ClientBase):
             while (
                 len(self._inbox) + self._chunk_rows >= self._max_buffered
                 and self._closed is None
+                and self._down is None
                 and self._turn.background_alone()
             ):
                 cond.wait()
@@ -3662,47 +4485,227 @@ class Connection(_ClientBase):
             cond.notify_all()
         return False
 
-    def _mark_closed(self, reason: str) -> None:
+    def _mark_closed(
+        self, reason: str, *, raw: Message | None = None, final: ConnectionClosed | None = None
+    ) -> None:
         with self._cond:
             if self._closed is None:
                 self._closed = reason
+                self._closed_raw = raw
+                self._final = final
+                self._down = None
+                if self._lifecycle.state is not _DISCONNECTING:
+                    self._change(_DISCONNECTED)
             self._turn.close()
+            self._cond.notify_all()
+        self._stop_reconnecting.set()
         self._linger_armed.set()  # wake the linger thread so it ends
+
+    # -- staying connected ------------------------------------------------------------------
+    def _link_lost(self, reason: str, *, lost: bool = False, raw: Message | None = None) -> None:
+        """The link broke (any thread may find out). Without ``auto_reconnect`` (or while
+        closing) the connection is over; with it, the link is shut (waking whoever waits in
+        it) and the reconnecting thread starts."""
+        with self._cond:
+            if self._closed is not None or self._down is not None:
+                return
+            if not self._auto or self._closing:
+                final = ConnectionLost(reason) if lost else None
+                self._mark_closed(reason, raw=raw, final=final)
+                return
+            self._down = reason
+            self._turn.pause()
+            self._change(_RECONNECTING)
+            self._cond.notify_all()
+            if self._reconnector is None:
+                self._start_reconnector(one_pass=False)
+            transport = self._transport
+        transport.shutdown()
+
+    def _start_reconnector(self, *, one_pass: bool) -> None:
+        """(Holding ``_cond``.)"""
+        self._stop_reconnecting.clear()
+        self._reconnector = threading.Thread(
+            target=self._reconnect_loop,
+            args=(one_pass,),
+            name="mzconnector-reconnect",
+            daemon=True,
+        )
+        self._reconnector.start()
+
+    def _reconnect_loop(self, one_pass: bool) -> None:
+        """The reconnecting thread: attempts with backoff (``one_pass``: each server once,
+        for ``reconnect()`` without ``auto_reconnect``) until a new link is up and resumed,
+        the attempts run out, or the connection is closed."""
+        lifecycle = self._lifecycle
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                delay = 0.0 if one_pass else lifecycle.delay(attempt)
+                if delay and self._stop_reconnecting.wait(delay):
+                    return
+                with self._cond:
+                    if self._closed is not None or self._closing:
+                        return
+                try:
+                    transport, protocol, welcome = _dial(self._dialer)
+                except ConnectError as exc:
+                    if one_pass or isinstance(exc, _FINAL_REFUSALS) or lifecycle.exhausted(attempt):
+                        self._reconnect_failed(exc, attempt)
+                        return
+                    continue
+                try:
+                    self._relink(transport, protocol, welcome)
+                except (SchemaChanged, ApiModuleError, LocalProtocolError) as exc:
+                    transport.close()
+                    self._reconnect_failed(exc, attempt)
+                    return
+                except BaseException:
+                    transport.close()
+                    raise
+                with self._cond:
+                    if self._down is None or self._closed is not None:
+                        return  # up (or closed): done; a new break starts again
+                attempt = 0  # it broke again while resuming: start over
+        except Exception as exc:
+            self._fail("the reconnecting thread", exc)
+        finally:
+            with self._cond:
+                if self._reconnector is threading.current_thread():
+                    self._reconnector = None
+
+    def _reconnect_failed(self, exc: MZConnectorError, attempts: int) -> None:
+        """No new link: the connection is over; the next call raises why."""
+        if isinstance(exc, SchemaChanged):
+            final: ConnectionClosed = exc
+            reason = str(exc)
+        else:
+            tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
+            reason = f"could not reconnect{tries}: {exc}"
+            final = ConnectionClosed(reason)
+            final.__cause__ = exc
+        self._mark_closed(reason, final=final)
+
+    def _relink(self, transport: _Transport, protocol: Protocol, welcome: Welcome) -> None:
+        """Resume on a new link (the reconnecting thread): check the record types, reload the
+        API modules, install the link once nobody reads the old one, then, before any other
+        sender may send, make the subscriptions again and resend what was not acknowledged
+        (and a ``Flush``, for whoever waits for acknowledgements)."""
+        changes = _schema_changes(self._schema, welcome.schema)
+        if changes:
+            raise SchemaChanged(changes)
+        protocol.max_frame_size = welcome.max_frame_size
+        self._load_api(welcome.api)
+        with self._send_lock:
+            with self._cond:
+                while self._turn.reader is not None:  # whoever read the old link lets go
+                    self._cond.wait()
+                if self._closed is not None:
+                    transport.close()
+                    return
+                old, self._transport, self._protocol = self._transport, transport, protocol
+                self._link[0] = transport
+                frames, messages = self._resume_plan(welcome)
+            old.close()
+            self._handle()  # what arrived with the Welcome, before anyone reads more
+            with self._cond:
+                if self._closed is not None or self._down is None:
+                    return
+                self._down = None
+                self._turn.resume()
+                self._change(_CONNECTED)
+                self._cond.notify_all()
+            # Connected: readers read the new link while this thread, holding the send lock,
+            # sends what must go first.
+            try:
+                for message in messages:
+                    transport.send(protocol.send(message))
+                protocol.send_records(frames)
+                for frame in frames:
+                    transport.send(frame)
+                transport.send(protocol.send(Flush()))
+            except OSError as exc:
+                self._link_lost(f"lost the connection while resending: {exc}")
+
+    def reconnect(self, timeout: float | None = None) -> None:
+        """Drop the link (if there is one) and connect again now, as ``auto_reconnect``
+        does when a link breaks; also brings back a connection that was lost. Without
+        ``auto_reconnect`` it tries each server once. Returns once connected; raises what
+        ended the attempts, or ``Timeout`` after ``timeout`` s (None: the connect
+        ``timeout``) while it still tries."""
+        limit = self.timeout if timeout is None else timeout
+        if self._closing or self._failure is not None:
+            raise self._closed_error()
+        if self._closed is not None:  # its threads are ending: wait for them, then new ones
+            self._reader.join(self.timeout)
+            self._flusher.join(self.timeout)
+        shut = None
+        with self._cond:
+            if self._closing or self._failure is not None:
+                pass
+            elif self._closed is not None:  # a lost connection, brought back
+                self._closed = self._closed_raw = self._final = None
+                self._turn.reopen()
+                self._linger_armed.clear()
+                self._start_threads()
+                self._down = "reconnecting on demand"
+                self._change(_RECONNECTING)
+            elif self._down is None:
+                self._down = "reconnecting on demand"
+                self._turn.pause()
+                self._change(_RECONNECTING)
+                shut = self._transport
+            if self._down is not None and self._reconnector is None:
+                self._start_reconnector(one_pass=not self._auto)
+            self._cond.notify_all()
+        if shut is not None:
+            shut.shutdown()
+        self._await_link(time.monotonic() + limit, limit)
 
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
         """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
         (None: the connect ``timeout``) for the server to close its side. Safe to call
-        twice."""
+        twice. While reconnecting, it stops the reconnection (nothing is sent)."""
+        with self._cond:
+            self._closing = True
+            if self._closed is None:
+                self._change(_DISCONNECTING)
+        self._stop_reconnecting.set()
         if self._closed is None:
             limit = self.timeout if timeout is None else timeout
             try:
-                self._send_message(Bye("client closed"))
-                # Read until the server closes: closing with unread data would reset the
-                # connection, and the server could lose the last records it was sent.
-                self._wait(
-                    lambda: self._closed is not None,
-                    limit,
-                    lambda: self._give_up(f"close: no answer from the server within {limit} s"),
-                )
+                if self._send_message(Bye("client closed"), needs_link=False):
+                    # Read until the server closes: closing with unread data would reset the
+                    # connection, and the server could lose the last records it was sent.
+                    self._wait(
+                        lambda: self._closed is not None,
+                        limit,
+                        lambda: self._give_up(f"close: no answer from the server within {limit} s"),
+                    )
             except (ConnectionClosed, Timeout):
                 pass
             with self._cond:
                 self._closed = "closed by the client"
+                self._closed_raw = self._final = None
         self._mark_closed("closed by the client")
+        with self._cond:
+            self._change(_DISCONNECTED)
+        reconnector = self._reconnector
+        if reconnector is not None and reconnector is not threading.current_thread():
+            reconnector.join(self.timeout)
         self._reader.join(self.timeout)
-        self._transport.close()
-        self._turn.dispose()
+        self._finalizer()
 
 
-class Subscription:
-    """A subscription (``conn.subscribe``): iterate it (``for record in sub``), or
-    ``sub.receive(timeout=None)``. ``stop()`` pauses delivery and ``start()`` resumes it;
-    ``close()`` ends it, and any iteration of it. With ``ack="client"``, acknowledge records
-    with ``ack(record)`` or ``ack_all(record)``: the server sends at most ``max_pending``
-    unacknowledged records. ``dropped`` counts records it missed because it fell behind."""
+class _SubscriptionBase:
+    """What both clients' subscriptions share: the request they were made with, and their
+    state (``dropped``, ``closed``)."""
 
-    def __init__(self, conn: Connection, state: _SubState) -> None:
+    _conn: Any
+
+    def __init__(self, conn: Any, state: _SubState) -> None:
         self._conn = conn
         self._state = state
         message = state.message
@@ -3715,7 +4718,8 @@ class Subscription:
     def __repr__(self) -> str:
         what = "tap" if self.tap else "subscription"
         state = f"closed: {self._state.closed}" if self._state.closed else "open"
-        return f"<mzconnector.Subscription {what} on {self.route!r} {self.matcher} ({state})>"
+        name = type(self).__name__
+        return f"<mzconnector.{name} {what} on {self.route!r} {self.matcher} ({state})>"
 
     @property
     def dropped(self) -> int:
@@ -3724,6 +4728,16 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._state.closed is not None
+
+
+class Subscription(_SubscriptionBase):
+    """A subscription (``conn.subscribe``): iterate it (``for record in sub``), or
+    ``sub.receive(timeout=None)``. ``stop()`` pauses delivery and ``start()`` resumes it;
+    ``close()`` ends it, and any iteration of it. With ``ack="client"``, acknowledge records
+    with ``ack(record)`` or ``ack_all(record)``: the server sends at most ``max_pending``
+    unacknowledged records. ``dropped`` counts records it missed because it fell behind."""
+
+    _conn: Connection
 
     def receive(self, timeout: float | None = None) -> Any:
         """The next record; waits at most ``timeout`` seconds (forever if None), then raises
@@ -3743,7 +4757,7 @@ class Subscription:
         with conn._cond:
             record, ack = state.hand_out()
         if ack is not None:
-            conn._send_message(ack)
+            conn._send_message(ack, needs_link=False)
         return record
 
     def __iter__(self) -> Iterator[Any]:
@@ -3756,11 +4770,17 @@ class Subscription:
 
     def ack(self, record: Any) -> None:
         """Acknowledge one record (``ack="client"``)."""
-        self._conn._send_message(self._state.ack(record, through=False))
+        self._send_ack(record, through=False)
 
     def ack_all(self, record: Any) -> None:
         """Acknowledge ``record`` and every record handed out before it (``ack="client"``)."""
-        self._conn._send_message(self._state.ack(record, through=True))
+        self._send_ack(record, through=True)
+
+    def _send_ack(self, record: Any, through: bool) -> None:
+        with self._conn._cond:
+            ack = self._state.ack(record, through)
+        if ack is not None:  # (None: handed out before a reconnection)
+            self._conn._send_message(ack, needs_link=False)
 
     def stop(self, timeout: float | None = None) -> None:
         """Pause delivery (matching records wait on the server; see the README)."""
@@ -3772,9 +4792,13 @@ class Subscription:
 
     def close(self, timeout: float | None = None) -> None:
         """End the subscription (and any iteration of it). Safe to call twice."""
-        if self._state.closed is None and not self._conn.closed:
+        with self._conn._cond:
+            was_open = self._state.closed is None
+            # Closed before the server is told: a thread that iterates it and reads the socket
+            # meanwhile reads the server's answer, and then sees it closed.
+            self._state.closed = self._state.closed or "closed by the client"
+        if was_open and not self._conn.closed:
             self._control("close", timeout)
-        self._state.closed = self._state.closed or "closed by the client"
         self._conn._subs.pop(self._state.id, None)
         with self._conn._cond:
             self._state.inbox.clear()
@@ -3787,13 +4811,14 @@ class Subscription:
         self.close()
 
     def _control(self, op: str, timeout: float | None) -> None:
-        if self._state.closed is not None:
+        if self._state.closed is not None and op != "close":
             raise SubscriptionError(f"the subscription is closed: {self._state.closed}")
         # A control message carries the subscription's id; its answer comes back under it.
         request = SubscriptionControl(self._state.id, op)
         answer = self._conn._request(request, timeout)
         if answer.error:
-            raise SubscriptionError(answer.error)
+            raise _with_raw(SubscriptionError(answer.error), answer)
+        self._state.stopped = op == "stop"
 
 
 class KvMap:
@@ -3801,8 +4826,8 @@ class KvMap:
     ``keys``, and the dict forms (``m[key]``, ``m[key] = v``, ``del m[key]``, ``key in m``,
     ``len(m)``; a missing key is a ``KeyError``). Keys are strings or integers; values are
     declared records or plain values (None, bools, numbers, strings, bytes, lists, dicts,
-    datetimes). Every call asks the server: what another connection or a processor changed
-    is seen at the next call."""
+    datetimes with a timezone). Every call asks the server: what another connection or a
+    processor changed is seen at the next call."""
 
     def __init__(self, conn: Connection, name: str) -> None:
         self._conn = conn
@@ -3870,42 +4895,22 @@ def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def connect(
-    host: str = "127.0.0.1",
-    port: int = DEFAULT_PORT,
-    *,
-    timeout: float = 10.0,
-    name: str = "",
-    metadata: Mapping[str, Any] | None = None,
-    client_id: str = "",
-    tls: bool | ssl.SSLContext = False,
-    cafile: str | None = None,
-    certfile: str | None = None,
-    keyfile: str | None = None,
-    batch_size: int = 8192,
-    linger: float = 0.005,
-    max_buffered: int = 1_000_000,
-) -> Connection:
-    """Connect to a connector server and return the open ``Connection``.
+def _dial(dialer: _Dialer) -> tuple[_Transport, Protocol, Welcome]:
+    """The one connect path of the blocking client: the servers in random order until one
+    answers; the error when none does names each and why."""
+    failures = []
+    for host, port in dialer.order():
+        try:
+            return _dial_one(dialer, host, port)
+        except ConnectError as exc:
+            failures.append((_where(host, port), exc))
+    raise dialer.none_answered(failures)
 
-    ``timeout`` bounds the connect and handshake, and is the default for ``flush`` and ``mim``.
-    ``name`` and ``metadata`` are shown to the workflow; ``client_id`` names this client
-    across connections (its durable subscriptions wait for it while it is away).
-    ``tls=True`` (or an ``SSLContext``) connects over TLS, verifying the server against
-    ``cafile`` (or the system store); ``certfile``/``keyfile`` present a client certificate.
-    """
-    context = _tls_context(tls, cafile, certfile, keyfile)
-    handshake = _Handshake(
-        host,
-        port,
-        timeout=timeout,
-        name=name,
-        metadata=metadata,
-        client_id=client_id,
-        client=f"mzconnector {__version__}",
-        tls=context is not None,
-        cert_given=bool(certfile),
-    )
+
+def _dial_one(dialer: _Dialer, host: str, port: int) -> tuple[_Transport, Protocol, Welcome]:
+    handshake = dialer.handshake(host, port)
+    timeout = dialer.timeout
+    context = dialer.context
     deadline = time.monotonic() + timeout
 
     def remaining() -> float:
@@ -3922,25 +4927,100 @@ def connect(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keepalive(sock, timeout)
             sock.settimeout(remaining())
-            transport = _Transport(sock) if context is None else _TLSTransport(sock, context, host)
+            if context is None:
+                transport = _Transport(sock)
+            else:
+                transport = _TLSTransport(sock, context, dialer.tls_name(host))
             transport.send(handshake.hello)
             welcome = None
             while welcome is None:
                 sock.settimeout(remaining())
                 welcome = handshake.receive(transport.recv())
         sock.settimeout(timeout)
+        return transport, handshake.protocol, welcome
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+
+
+def connect(
+    host: str | Iterable[str] = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    timeout: float = 10.0,
+    name: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    client_id: str = "",
+    token: str | None = None,
+    tls: bool | ssl.SSLContext = False,
+    cafile: str | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    server_hostname: str | None = None,
+    batch_size: int = 8192,
+    linger: float = 0.005,
+    max_buffered: int = 1_000_000,
+    auto_reconnect: bool = False,
+    reconnect_attempts: int | None = None,
+    reconnect_max_delay: float = 30.0,
+    keepalive: float = 15.0,
+    keepalive_misses: int = 3,
+    on_state_change: Callable[[Connection, ConnectionState], Any] | None = None,
+) -> Connection:
+    """Connect to a connector server and return the open ``Connection``.
+
+    ``host`` is one server, or several (``["host-a:7777", "host-b:7777"]``, or one string
+    ``"host-a:7777|host-b:7777"``; ``port`` is for those without one): they are tried in
+    random order until one answers. ``timeout`` bounds each attempt (connect, TLS, handshake),
+    and is the default for ``flush`` and ``mim``. ``name`` and ``metadata`` are shown to the
+    workflow; ``client_id`` names this client across connections (its durable subscriptions
+    wait for it while it is away). ``token`` authenticates (None: the environment variable
+    ``MZCONNECTOR_AUTH_TOKEN``, if set). ``tls=True`` (or an ``SSLContext``) connects over
+    TLS, verifying the server against ``cafile`` (or the system's trust store) and the name
+    ``server_hostname`` (or the host); ``certfile``/``keyfile`` present a client certificate.
+
+    Staying connected: ``auto_reconnect=True`` reconnects when the link breaks (backoff with
+    jitter up to ``reconnect_max_delay`` s, at most ``reconnect_attempts`` attempts; None:
+    no limit); ``keepalive`` (s; 0: off) pings an idle link and gives it up after
+    ``keepalive_misses`` unanswered pings; ``on_state_change(conn, state)`` is told each
+    change of ``conn.state``.
+    """
+    dialer = _Dialer(
+        host,
+        port,
+        timeout=timeout,
+        name=name,
+        metadata=metadata,
+        client_id=client_id,
+        client=f"mzconnector {__version__}",
+        token=token,
+        keepalive=keepalive,
+        keepalive_misses=keepalive_misses,
+        tls=tls,
+        cafile=cafile,
+        certfile=certfile,
+        keyfile=keyfile,
+        server_hostname=server_hostname,
+    )
+    lifecycle = _Lifecycle(attempts=reconnect_attempts, max_delay=reconnect_max_delay)
+    transport, protocol, welcome = _dial(dialer)
+    try:
         return Connection(
             transport,
-            handshake.protocol,
+            protocol,
             welcome,
+            dialer=dialer,
             timeout=timeout,
             batch_size=batch_size,
             linger=linger,
             max_buffered=max_buffered,
+            auto_reconnect=auto_reconnect,
+            lifecycle=lifecycle,
+            on_state_change=on_state_change,
         )
     except BaseException:
-        if sock is not None:
-            sock.close()
+        transport.close()
         raise
 
 
@@ -4129,10 +5209,12 @@ class FrameColumns:
         batch._values.update(known)
         return batch
 
-    def frame(self, start: int, stop: int) -> bytearray:
-        """The ``Columns`` frame of rows ``start`` to ``stop`` (a batch of ``plan``)."""
+    def frame(self, start: int, stop: int, first: int = 0) -> bytearray:
+        """The ``Columns`` frame of rows ``start`` to ``stop`` (a batch of ``plan``), its first
+        row numbered ``first`` in the client's session (0: not numbered)."""
         batch = self.batch(start, stop)
-        return encode_frame(Columns(batch.type_name, batch.rows, list(batch.columns.values())))
+        columns = list(batch.columns.values())
+        return encode_frame(Columns(batch.type_name, batch.rows, columns, first))
 
     def part(self, start: int, stop: int) -> Any:
         """Rows ``start`` to ``stop`` of the DataFrame (what ``unacknowledged`` shows)."""
@@ -4560,13 +5642,21 @@ class _AsyncioStream:
         self._writer = writer
 
     @classmethod
-    async def open(cls, host: str, port: int, context: ssl.SSLContext | None) -> _AsyncioStream:
+    async def open(
+        cls, host: str, port: int, context: ssl.SSLContext | None, tls_name: str
+    ) -> _AsyncioStream:
         import asyncio
 
         tls: dict[str, Any] = {}
         if context is not None:
-            tls = {"ssl": context, "server_hostname": host}
+            tls = {"ssl": context, "server_hostname": tls_name}
         return cls(*await asyncio.open_connection(host, port, **tls))
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
 
     @staticmethod
     def lock() -> Any:
@@ -4624,7 +5714,9 @@ class _AnyioStream:
         self._errors = (anyio.BrokenResourceError, anyio.ClosedResourceError)
 
     @classmethod
-    async def open(cls, host: str, port: int, context: ssl.SSLContext | None) -> _AnyioStream:
+    async def open(
+        cls, host: str, port: int, context: ssl.SSLContext | None, tls_name: str
+    ) -> _AnyioStream:
         import anyio
 
         try:
@@ -4633,7 +5725,7 @@ class _AnyioStream:
                 port,
                 tls=context is not None,
                 ssl_context=context,
-                tls_hostname=host if context is not None else None,
+                tls_hostname=tls_name if context is not None else None,
                 # The server may close without a TLS close_notify: that is an end of stream.
                 tls_standard_compatible=False,
             )
@@ -4648,6 +5740,12 @@ class _AnyioStream:
         import anyio
 
         return anyio.Lock()
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        import anyio
+
+        await anyio.sleep(seconds)
 
     @staticmethod
     async def with_timeout(timeout: float, function: Callable[[], Any]) -> Any:
@@ -4704,20 +5802,68 @@ def _async_stream_kind() -> type[_AsyncioStream] | type[_AnyioStream]:
     return _AsyncioStream
 
 
+async def _dial_async(
+    dialer: _Dialer, kind: type[_AsyncioStream] | type[_AnyioStream]
+) -> tuple[_AsyncioStream | _AnyioStream, Protocol, Welcome]:
+    """The one connect path of the async client: the servers in random order until one
+    answers; the error when none does names each and why."""
+    failures = []
+    for host, port in dialer.order():
+        try:
+            return await _dial_one_async(dialer, kind, host, port)
+        except ConnectError as exc:
+            failures.append((_where(host, port), exc))
+    raise dialer.none_answered(failures)
+
+
+async def _dial_one_async(
+    dialer: _Dialer, kind: type[_AsyncioStream] | type[_AnyioStream], host: str, port: int
+) -> tuple[_AsyncioStream | _AnyioStream, Protocol, Welcome]:
+    handshake = dialer.handshake(host, port)
+    stream: _AsyncioStream | _AnyioStream | None = None
+
+    async def open_and_greet() -> Welcome:
+        nonlocal stream
+        stream = await kind.open(host, port, dialer.context, dialer.tls_name(host))
+        handshake.opened()
+        await stream.send_all(handshake.hello)
+        while (welcome := handshake.receive(await stream.receive())) is None:
+            pass
+        return welcome
+
+    try:
+        with handshake.errors():
+            welcome = await kind.with_timeout(dialer.timeout, open_and_greet)
+        assert stream is not None
+        return stream, handshake.protocol, welcome
+    except BaseException:
+        if stream is not None:
+            await stream.aclose()
+        raise
+
+
 async def connect_async(
-    host: str = "127.0.0.1",
+    host: str | Iterable[str] = "127.0.0.1",
     port: int = DEFAULT_PORT,
     *,
     timeout: float = 10.0,
     name: str = "",
     metadata: Mapping[str, Any] | None = None,
     client_id: str = "",
+    token: str | None = None,
     tls: bool | ssl.SSLContext = False,
     cafile: str | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
+    server_hostname: str | None = None,
     batch_size: int = 8192,
     max_buffered: int = 1_000_000,
+    auto_reconnect: bool = False,
+    reconnect_attempts: int | None = None,
+    reconnect_max_delay: float = 30.0,
+    keepalive: float = 15.0,
+    keepalive_misses: int = 3,
+    on_state_change: Callable[[AsyncConnection, ConnectionState], Any] | None = None,
 ) -> AsyncConnection:
     """Connect to a connector server from async code and return the open ``AsyncConnection``::
 
@@ -4729,11 +5875,10 @@ async def connect_async(
     Works under asyncio (anyio optional) and, with anyio installed, under trio. The arguments
     are those of ``connect()``, but for ``linger``: the async client runs no task in the
     background, so its ``submit`` only buffers until the next awaited call (see
-    ``AsyncConnection``). ``timeout`` bounds the connect and the handshake, and is the default
+    ``AsyncConnection``). ``timeout`` bounds each connect attempt, and is the default
     timeout of ``flush``, ``mim`` and ``aclose``.
     """
-    context = _tls_context(tls, cafile, certfile, keyfile)
-    handshake = _Handshake(
+    dialer = _Dialer(
         host,
         port,
         timeout=timeout,
@@ -4741,36 +5886,36 @@ async def connect_async(
         metadata=metadata,
         client_id=client_id,
         client=f"mzconnector {__version__} async",
-        tls=context is not None,
-        cert_given=bool(certfile),
+        token=token,
+        keepalive=keepalive,
+        keepalive_misses=keepalive_misses,
+        tls=tls,
+        cafile=cafile,
+        certfile=certfile,
+        keyfile=keyfile,
+        server_hostname=server_hostname,
     )
+    lifecycle = _Lifecycle(attempts=reconnect_attempts, max_delay=reconnect_max_delay)
     kind = _async_stream_kind()
-    stream = None
-
-    async def open_and_greet() -> Welcome:
-        nonlocal stream
-        stream = await kind.open(host, port, context)
-        handshake.opened()
-        await stream.send_all(handshake.hello)
-        while (welcome := handshake.receive(await stream.receive())) is None:
-            pass
-        return welcome
-
+    stream, protocol, welcome = await _dial_async(dialer, kind)
     try:
-        with handshake.errors():
-            welcome = await kind.with_timeout(timeout, open_and_greet)
-        return AsyncConnection(
+        conn = AsyncConnection(
             stream,
-            handshake.protocol,
+            protocol,
             welcome,
+            dialer=dialer,
             timeout=timeout,
             batch_size=batch_size,
             max_buffered=max_buffered,
+            auto_reconnect=auto_reconnect,
+            lifecycle=lifecycle,
+            on_state_change=on_state_change,
         )
     except BaseException:
-        if stream is not None:
-            await stream.aclose()
+        await stream.aclose()
         raise
+    conn._notify()
+    return conn
 
 
 class AsyncConnection(_ClientBase):
@@ -4792,6 +5937,11 @@ class AsyncConnection(_ClientBase):
       where the blocking client returns what its background reader buffered (``timeout=0``).
     - ``max_buffered`` bounds the records read while a send is under way; a call that waits
       for the server reads on regardless.
+    - Staying connected happens in awaited calls too: a broken link is noticed, and the
+      keepalive pings, while a call is awaited; with ``auto_reconnect`` the next call that
+      needs the link reconnects (one task at a time; the others wait for it, bounded by their
+      timeout), and ``state`` is ``RECONNECTING`` until then. ``on_state_change`` is called
+      by the task that made the change, outside the connection's locks.
 
     API modules (``conn.api``) get the coroutine functions as ``receive``, ``flush``, ``mim``
     and ``submit_many``: a function that returns what they return is awaited
@@ -4804,18 +5954,39 @@ class AsyncConnection(_ClientBase):
         protocol: Protocol,
         welcome: Welcome,
         *,
+        dialer: _Dialer,
         timeout: float,
         batch_size: int,
         max_buffered: int,
+        auto_reconnect: bool,
+        lifecycle: _Lifecycle,
+        on_state_change: Callable[[AsyncConnection, ConnectionState], Any] | None,
     ) -> None:
-        super().__init__(protocol, welcome, timeout=timeout)
+        super().__init__(
+            protocol,
+            welcome,
+            timeout=timeout,
+            dialer=dialer,
+            auto_reconnect=auto_reconnect,
+            lifecycle=lifecycle,
+            on_state_change=on_state_change,
+        )
         self._stream = stream
+        self._kind = type(stream)
+        self._stream_open = True
         self._batch_size = max(1, batch_size)
         self._max_buffered = max_buffered
+        # Lock order: _relink_lock, then _send_lock, then _read_lock (a send reads meanwhile).
         self._send_lock = stream.lock()
         self._read_lock = stream.lock()
+        self._relink_lock = stream.lock()
+        self._attempt = 0  # reconnection attempts since the link was lost
+        self._one_pass = not auto_reconnect  # reconnect(): each server once
+        self._notifying = False
         self._load_api(welcome.api)
         self._handle()
+        if self._closed is None and self._down is None:
+            self._change(_CONNECTED)
 
     # -- context manager, iteration and state -----------------------------------------------
     async def __aenter__(self) -> AsyncConnection:
@@ -4836,15 +6007,39 @@ class AsyncConnection(_ClientBase):
 
     def _check(self) -> None:
         """Raise what the server told us since the last call."""
+        self._notify()
         if self._errors:
-            errors, self._errors = self._errors, []
-            omitted, self._omitted = self._omitted, 0
-            raise RecordRefused(errors, omitted)
+            raise self._refusal()
         if self._closed is not None:
             raise self._closed_error()
 
     def _unacknowledged(self) -> list[Any]:
         return self._ledger.unacknowledged() + self._buf
+
+    def _change(self, state: ConnectionState) -> None:
+        """Go to ``state``; ``_notify`` tells ``on_state_change`` (outside the locks)."""
+        if self._lifecycle.change(state) and self._on_state_change is None:
+            self._lifecycle.changes.clear()
+
+    def _notify(self) -> None:
+        """Call ``on_state_change`` for each change not yet told, in order. Called where the
+        task holds none of the connection's locks; a callback that changes the state again
+        (closing the connection, say) is told of that after it returns."""
+        callback = self._on_state_change
+        changes = self._lifecycle.changes
+        if callback is None or self._notifying:
+            return
+        self._notifying = True
+        try:
+            while changes:
+                state = changes.popleft()
+                try:
+                    callback(self, state)
+                except Exception:
+                    print(f"mzconnector: on_state_change({state}) raised:", file=sys.stderr)
+                    traceback.print_exc()
+        finally:
+            self._notifying = False
 
     # -- submitting -------------------------------------------------------------------------
     def submit(self, record: Any) -> None:
@@ -4858,7 +6053,8 @@ class AsyncConnection(_ClientBase):
 
     async def submit_many(self, records: Iterable[Any], *, progress: bool = False) -> int:
         """Send many records, a batch at a time; returns how many. ``progress=True`` shows a
-        tqdm bar (``tqdm.auto``)."""
+        tqdm bar (``tqdm.auto``). While reconnecting it waits for the link (at most the
+        connect ``timeout`` per batch)."""
         bar = _progress_bar(records) if progress else None
         count = 0
         try:
@@ -4868,7 +6064,9 @@ class AsyncConnection(_ClientBase):
                         raise self._not_accepted(record)
                 self._check()
                 self._buf.extend(chunk)
-                await self._send()
+                await self._within(
+                    self.timeout, self._send, lambda: self._still_reconnecting(self.timeout)
+                )
                 count += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
@@ -4881,29 +6079,47 @@ class AsyncConnection(_ClientBase):
         """Send the rows of a pandas DataFrame as records of ``type_name``, a column batch at
         a time; returns the number of rows. As ``Connection.submit_frame``: everything is
         checked before anything is sent, records submitted before go first, and ``flush``
-        acknowledges the rows."""
+        acknowledges the rows; while reconnecting, each batch waits for the link (at most the
+        connect ``timeout``) and batches not acknowledged are resent."""
         prepared, plan = self._frame_plan(df, type_name)
         self._check()
-        await self._send()
         for start, stop in plan:
-            frame = prepared.frame(start, stop)
-            async with self._send_lock:
-                self._ledger.columns(stop - start, prepared.part(start, stop))
-                self._protocol.send_columns([frame])
-                await self._send_data(frame)
+            await self._within(
+                self.timeout,
+                lambda: self._send_columns(prepared, start, stop),  # noqa: B023 (awaited here)
+                lambda: self._still_reconnecting(self.timeout),
+            )
         return prepared.rows
+
+    async def _send_columns(self, prepared: FrameColumns, start: int, stop: int) -> None:
+        """Send one column batch after what was submitted before it, on a live link."""
+        while True:
+            await self._send()
+            if self._down is not None:
+                await self._ensure_link()
+                continue
+            async with self._send_lock:
+                if self._down is not None or self._buf:
+                    continue
+                frame = self._ledger.columns(prepared, start, stop)
+                self._protocol.send_columns([frame])
+                # (A batch sent on a link that breaks is in the ledger: resent.)
+                await self._send_data(frame)
+                return
 
     async def flush(self, timeout: float | None = None) -> None:
         """Send everything submitted and return once the server has taken all of it. Raises
         ``RecordRefused`` if it refused any, and ``ConnectionLost`` (the connection is given
         up) when the server does not take it within ``timeout`` seconds (None: the connect
-        ``timeout``)."""
+        ``timeout``); with ``auto_reconnect``, a ``Timeout`` instead, and the connection
+        reconnects and resends with the next call."""
         self._check()
         limit = self.timeout if timeout is None else timeout
 
         async def flushed() -> None:
+            target = self._ledger.sent + len(self._buf)
+            # (If the link breaks after this, the reconnection sends a Flush of its own.)
             await self._send(Flush())
-            target = self._ledger.sent
             await self._until(lambda: self._acked >= target or bool(self._errors))
 
         await self._within(
@@ -4913,56 +6129,102 @@ class AsyncConnection(_ClientBase):
         )
         self._check()
 
-    async def _send(self, message: Message | None = None) -> None:
-        """Send the buffered records (a batch at a time), then ``message``."""
-        async with self._send_lock:
-            while self._buf:
-                chunk = self._buf[: self._batch_size]
-                frames, errors = self._ledger.frames(chunk)
-                del self._buf[: len(chunk)]
-                self._errors.extend(errors)
-                if not frames:
+    async def _send(
+        self,
+        message: Message | None = None,
+        *,
+        needs_link: bool = True,
+        before: Callable[[], None] | None = None,
+    ) -> int:
+        """Send the buffered records (a batch at a time), then ``message``; returns the number
+        of the link they went on. While the link is down, reconnect first (or, with
+        ``needs_link=False``, send nothing: 0). ``before`` runs just before ``message`` is
+        sent (what registers its conversation)."""
+        while True:
+            if message is None and not self._buf and not self._cancels and not self._owed:
+                return self._generation
+            if self._closed is not None:
+                raise self._closed_error()
+            if self._down is not None:
+                if not needs_link:
+                    return 0
+                await self._ensure_link()
+                continue
+            async with self._send_lock:
+                if self._down is not None or self._closed is not None:
                     continue
-                self._protocol.send_records(frames)
-                await self._send_data(frames[0] if len(frames) == 1 else b"".join(frames))
-            while self._cancels:
-                await self._send_data(self._protocol.send(CancelQuery(self._cancels.pop())))
-            if message is not None:
-                await self._send_data(self._protocol.send(message))
+                link = self._generation
+                while self._buf and self._down is None:
+                    chunk = self._buf[: self._batch_size]
+                    frames, errors = self._ledger.frames(chunk)
+                    del self._buf[: len(chunk)]
+                    self._errors.extend(errors)
+                    if not frames:
+                        continue
+                    self._protocol.send_records(frames)
+                    # (A batch sent on a link that breaks is in the ledger: resent.)
+                    await self._send_data(frames[0] if len(frames) == 1 else b"".join(frames))
+                while self._cancels and self._down is None:
+                    await self._send_data(self._protocol.send(CancelQuery(self._cancels.pop())))
+                if message is not None and self._down is None:
+                    if before is not None:
+                        before()
+                    await self._send_data(self._protocol.send(message))
+                while self._owed and self._down is None:
+                    await self._send_data(self._protocol.send(self._owed.popleft()), read=False)
+            self._notify()
+            return link
 
-    async def _send_data(self, data: bytes | bytearray) -> None:
+    async def _send_data(self, data: bytes | bytearray, *, read: bool = True) -> None:
+        """Send on the link (reading meanwhile, unless ``read=False``). A link that breaks is
+        lost (with ``auto_reconnect`` this returns; without, raises ``ConnectionClosed``)."""
         if self._closed is not None:
             raise self._closed_error()
+        if self._down is not None:
+            return
         sent = False
         try:
-            await self._stream.send_reading(data, self._read_while_sending)
+            if read:
+                await self._stream.send_reading(data, self._read_while_sending)
+            else:
+                await self._stream.send_all(data)
             sent = True
         except OSError as exc:
-            self._mark_closed(f"lost the connection while sending: {exc}")
-            raise ConnectionClosed(self._closed or "", self._unacknowledged()) from exc
+            sent = True
+            self._link_lost(f"lost the connection while sending: {exc}")
+            if self._closed is not None:
+                raise ConnectionClosed(self._closed, self._unacknowledged()) from exc
         finally:
             if not sent and self._closed is None:  # cancelled: a frame may be cut short
-                self._mark_closed("a send was cancelled midway; the connection cannot be used")
+                reason = "a send was cancelled midway"
+                if self._auto and not self._closing:
+                    self._link_lost(reason)
+                else:
+                    self._mark_closed(f"{reason}; the connection cannot be used")
 
     async def _read_while_sending(self) -> None:
         """What arrives while a send is under way (so that a workflow that answers every
         record cannot stall a long push), up to ``max_buffered`` records."""
         async with self._read_lock:
-            while self._closed is None and len(self._inbox) + self._chunk_rows < self._max_buffered:
+            while (
+                self._closed is None
+                and self._down is None
+                and len(self._inbox) + self._chunk_rows < self._max_buffered
+            ):
                 await self._pump()
 
     # -- receiving --------------------------------------------------------------------------
     async def receive(self, timeout: float | None = None) -> Any:
         """The next record the workflow sent to this client (sends buffered submits first).
         Waits at most ``timeout`` seconds (forever if None), then raises ``Timeout``; the
-        connection stays usable. Raises ``RecordRefused`` first if records were refused."""
+        connection stays usable. Raises ``RecordRefused`` first if records were refused.
+        Records received before a link broke stay buffered."""
         if self._errors:
             self._check()
         if not self._inbox:
-            await self._send()
             await self._within(
                 timeout,
-                lambda: self._until(lambda: bool(self._inbox or self._errors)),
+                lambda: self._arrival(),
                 lambda: Timeout(f"receive: no record within {timeout} s"),
             )
             if self._errors:
@@ -4972,6 +6234,10 @@ class AsyncConnection(_ClientBase):
             record = self._expand(record)
         return record
 
+    async def _arrival(self) -> None:
+        await self._send()
+        await self._until(lambda: bool(self._inbox or self._errors))
+
     async def receive_many(
         self, max_records: int | None = None, timeout: float | None = None
     ) -> list[Any]:
@@ -4980,18 +6246,15 @@ class AsyncConnection(_ClientBase):
         timeout. Raises ``RecordRefused`` first if records were refused."""
         if self._errors:
             self._check()
-        await self._send()
         if not self._inbox:
             try:
-                await self._within(
-                    timeout,
-                    lambda: self._until(lambda: bool(self._inbox or self._errors)),
-                    Timeout,
-                )
+                await self._within(timeout, self._arrival, Timeout)
             except Timeout:
                 return []
             if self._errors:
                 self._check()
+        elif self._down is None:
+            await self._send()
         return self._take_records(max_records)
 
     async def receive_frame(
@@ -5004,7 +6267,8 @@ class AsyncConnection(_ClientBase):
         pd = _import_pandas()
         if self._errors:
             self._check()
-        await self._send()
+        if self._down is None:
+            await self._send()  # outside the timeout: a send is never cut short by it
         if not self._inbox:
             try:
                 await self._within(
@@ -5031,13 +6295,19 @@ class AsyncConnection(_ClientBase):
     async def mim(self, timeout: float | None = None) -> MimValues:
         """The workflow's MIM values now: built-in counters and assigned values. Raises
         ``ConnectionLost`` when the server does not answer within ``timeout`` seconds (None:
-        the connect ``timeout``)."""
+        the connect ``timeout``); with ``auto_reconnect``, ``Timeout``."""
         self._check()
         limit = self.timeout if timeout is None else timeout
 
         async def answered() -> None:
-            await self._send(GetMim())
-            await self._until(lambda: bool(self._mim_replies))
+            while True:
+                link = await self._send(GetMim())
+                await self._until(
+                    lambda link=link: bool(self._mim_replies) or self._generation != link
+                )
+                if self._mim_replies or self._errors or self._closed is not None:
+                    return
+                # The link was lost before the answer came: ask the new one.
 
         await self._within(
             limit,
@@ -5049,46 +6319,86 @@ class AsyncConnection(_ClientBase):
         return MimValues(self._mim_replies.popleft())
 
     async def _until(self, ready: Callable[[], bool]) -> None:
-        """Read and handle what arrives, one reader at a time, until ``ready()``. Raises
-        ``ConnectionClosed`` once the connection is gone."""
+        """Read and handle what arrives, one reader at a time, until ``ready()``; reconnect
+        first while the link is down. Raises ``ConnectionClosed`` once the connection is
+        gone."""
         while not ready():
+            self._notify()
             if self._closed is not None:
                 if self._errors:  # raised first, by the caller
                     return
                 raise self._closed_error()
+            if self._down is not None:
+                await self._ensure_link()
+                continue
             async with self._read_lock:
-                if not ready() and self._closed is None:
+                if not ready() and self._closed is None and self._down is None:
                     await self._pump()
+        self._notify()
 
     async def _within(
         self,
         timeout: float | None,
-        function: Callable[[], Awaitable[None]],
+        function: Callable[[], Awaitable[Any]],
         expired: Callable[[], MZConnectorError],
     ) -> None:
         """``await function()``; after ``timeout`` seconds (None: no limit) it is cancelled,
         by the event loop's own timeout, and ``expired()`` is raised."""
-        if timeout is None:
-            await function()
-            return
         try:
-            await self._stream.with_timeout(timeout, function)
-        except TimeoutError as exc:
-            if isinstance(exc, MZConnectorError):  # ours (a Timeout is a TimeoutError)
-                raise
-            raise expired() from None
+            if timeout is None:
+                await function()
+                return
+            try:
+                await self._stream.with_timeout(timeout, function)
+            except TimeoutError as exc:
+                if isinstance(exc, MZConnectorError):  # ours (a Timeout is a TimeoutError)
+                    raise
+                raise expired() from None
+        finally:
+            self._notify()
 
     async def _pump(self) -> None:
-        """Read once and handle what arrived. The caller holds ``_read_lock``."""
+        """Read once (until the keepalive's next deadline, if on) and handle what arrived;
+        ping an idle link when the keepalive says so. The caller holds ``_read_lock``."""
+        stream, ka = self._stream, self._ka
+        data: bytes | None = None
         try:
-            data = await self._stream.receive()
+            if ka is None:
+                data = await stream.receive()
+            else:
+                wait = ka.deadline - time.monotonic()
+                if wait > 0:
+                    try:
+                        data = await self._kind.with_timeout(wait, stream.receive)
+                    except TimeoutError:
+                        data = None
         except OSError as exc:
-            self._mark_closed(f"connection lost: {exc}")
+            if stream is self._stream:
+                self._link_lost(f"connection lost: {exc}")
             return
-        self._handle(data)
+        if stream is not self._stream or self._closed is not None:
+            return
+        if data is not None:
+            if ka is not None:
+                ka.heard()
+            self._handle(data)
+        if ka is not None and ka is self._ka and time.monotonic() >= ka.deadline:
+            ping = ka.tick(time.monotonic())
+            if ka.dead:
+                self._link_lost(
+                    f"no answer from the server to {ka.misses} pings, {ka.interval} s apart",
+                    lost=True,
+                )
+            elif ping is not None:
+                self._owed.append(ping)
+        if self._owed and self._down is None and not self._send_lock.locked():
+            # (A sender holding the send lock sends them with its next frames.)
+            async with self._send_lock:
+                while self._owed and self._down is None and self._closed is None:
+                    await self._send_data(self._protocol.send(self._owed.popleft()), read=False)
 
     def _on_event(self, event: Any) -> bool:
-        """Handle one event; True when the connection is over."""
+        """Handle one event; True when the link is over."""
         if isinstance(event, Records):
             self._inbox.extend(_decode_items(self._decoder, event.items))
             return False
@@ -5099,11 +6409,148 @@ class AsyncConnection(_ClientBase):
             return False
         return self._apply(event)
 
+    def _mark_closed(
+        self, reason: str, *, raw: Message | None = None, final: ConnectionClosed | None = None
+    ) -> None:
+        if self._closed is None:
+            super()._mark_closed(reason, raw=raw, final=final)
+            self._down = None
+            if self._lifecycle.state is not _DISCONNECTING:
+                self._change(_DISCONNECTED)
+
+    # -- staying connected ------------------------------------------------------------------
+    def _link_lost(self, reason: str, *, lost: bool = False, raw: Message | None = None) -> None:
+        """The link broke. Without ``auto_reconnect`` (or while closing) the connection is
+        over; with it, the next call that needs the link reconnects."""
+        if self._closed is not None or self._down is not None:
+            return
+        if not self._auto or self._closing:
+            self._mark_closed(reason, raw=raw, final=ConnectionLost(reason) if lost else None)
+            return
+        self._down = reason
+        self._attempt = 0
+        self._one_pass = False
+        self._change(_RECONNECTING)
+
+    async def _ensure_link(self) -> None:
+        """While the link is down: reconnect (one task at a time; the others wait for it).
+        Raises the closed connection's error when it cannot."""
+        while self._down is not None and self._closed is None:
+            async with self._relink_lock:
+                if self._down is not None and self._closed is None:
+                    await self._reconnect()
+            self._notify()
+        if self._closed is not None:
+            raise self._closed_error()
+
+    async def _drop_stream(self) -> None:
+        """Close the current stream (once): whoever waits in it wakes."""
+        if self._stream_open:
+            self._stream_open = False
+            await self._stream.aclose()
+
+    async def _reconnect(self) -> None:
+        """Attempts with backoff until a new link is up and resumed, the attempts run out,
+        or the connection is closed. The caller holds ``_relink_lock``; a cancelled wait
+        (the caller's timeout) leaves the count of attempts for the next call."""
+        lifecycle = self._lifecycle
+        await self._drop_stream()
+        while self._down is not None and self._closed is None:
+            self._attempt += 1
+            delay = 0.0 if self._one_pass else lifecycle.delay(self._attempt)
+            if delay:
+                await self._kind.sleep(delay)
+            try:
+                stream, protocol, welcome = await _dial_async(self._dialer, self._kind)
+            except ConnectError as exc:
+                if (
+                    self._one_pass
+                    or isinstance(exc, _FINAL_REFUSALS)
+                    or lifecycle.exhausted(self._attempt)
+                ):
+                    self._reconnect_failed(exc, self._attempt)
+                    return
+                continue
+            try:
+                await self._relink(stream, protocol, welcome)
+            except (SchemaChanged, ApiModuleError, LocalProtocolError) as exc:
+                await stream.aclose()
+                self._reconnect_failed(exc, self._attempt)
+                return
+            except BaseException:
+                if stream is not self._stream:
+                    await stream.aclose()
+                raise
+
+    def _reconnect_failed(self, exc: MZConnectorError, attempts: int) -> None:
+        """No new link: the connection is over; the next call raises why."""
+        if isinstance(exc, SchemaChanged):
+            final: ConnectionClosed = exc
+            reason = str(exc)
+        else:
+            tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
+            reason = f"could not reconnect{tries}: {exc}"
+            final = ConnectionClosed(reason)
+            final.__cause__ = exc
+        self._mark_closed(reason, final=final)
+
+    async def _relink(
+        self, stream: _AsyncioStream | _AnyioStream, protocol: Protocol, welcome: Welcome
+    ) -> None:
+        """Resume on a new link: check the record types, reload the API modules, install the
+        link, then, before any other sender may send, make the subscriptions again and resend
+        what was not acknowledged (and a ``Flush``, for whoever waits for acknowledgements)."""
+        changes = _schema_changes(self._schema, welcome.schema)
+        if changes:
+            raise SchemaChanged(changes)
+        protocol.max_frame_size = welcome.max_frame_size
+        self._load_api(welcome.api)
+        async with self._send_lock:
+            async with self._read_lock:
+                if self._closed is not None:
+                    await stream.aclose()
+                    return
+                self._stream, self._protocol, self._stream_open = stream, protocol, True
+                frames, messages = self._resume_plan(welcome)
+                self._down = None
+                self._attempt = 0
+                self._one_pass = not self._auto
+                self._handle()  # what arrived with the Welcome
+                if self._closed is None and self._down is None:
+                    self._change(_CONNECTED)
+            for message in messages:
+                await self._send_data(protocol.send(message))
+            if frames:
+                protocol.send_records(frames)
+                await self._send_data(b"".join(frames))
+            await self._send_data(protocol.send(Flush()))
+
+    async def reconnect(self, timeout: float | None = None) -> None:
+        """Drop the link (if there is one) and connect again now, as ``auto_reconnect``
+        does when a link breaks; also brings back a connection that was lost. Without
+        ``auto_reconnect`` it tries each server once. Returns once connected; raises what
+        ended the attempts, or ``Timeout`` after ``timeout`` s (None: the connect
+        ``timeout``) while it still tries."""
+        limit = self.timeout if timeout is None else timeout
+        if self._closing or self._failure is not None:
+            raise self._closed_error()
+        if self._closed is not None:  # a lost connection, brought back
+            self._closed = self._closed_raw = self._final = None
+            self._down = "reconnecting on demand"
+            self._change(_RECONNECTING)
+        elif self._down is None:
+            self._down = "reconnecting on demand"
+            self._change(_RECONNECTING)
+        self._attempt = 0
+        self._one_pass = not self._auto
+        await self._within(limit, self._ensure_link, lambda: self._still_reconnecting(limit))
+
     # -- conversations ----------------------------------------------------------------------
     def query(self, name: str, request: Any, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """Ask query ``name`` with ``request``: ``async for reply in conn.query(...)``. As
         ``Connection.query``: a ``QueryError`` at once for an unknown query or a request that
-        does not fit; ``timeout`` bounds the whole query; leaving early cancels it."""
+        does not fit; ``timeout`` bounds the whole query; leaving early cancels it;
+        ``ConnectionLost`` when the link breaks while it is in flight."""
         message, call = self._start_query(name, request)
         self._check()
         return self._replies(message, call, timeout)
@@ -5120,8 +6567,13 @@ class AsyncConnection(_ClientBase):
         self, message: Query, call: _Call, timeout: float | None
     ) -> AsyncIterator[Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        expired = lambda: Timeout(f"query {call.name!r}: no answer within {timeout} s")  # noqa: E731
         try:
-            await self._send(message)
+            await self._within(
+                timeout,
+                lambda: self._send(message, before=lambda: self._calls.update({call.id: call})),
+                expired,
+            )
             while True:
                 if call.replies:
                     yield call.replies.popleft()
@@ -5132,7 +6584,7 @@ class AsyncConnection(_ClientBase):
                 await self._within(
                     remaining,
                     lambda: self._until(lambda: bool(call.replies) or call.done),
-                    lambda: Timeout(f"query {call.name!r}: no answer within {timeout} s"),
+                    expired,
                 )
             if call.error is not None:
                 raise call.error
@@ -5141,7 +6593,7 @@ class AsyncConnection(_ClientBase):
                 self._cancels.append(call.id)
                 # Told now if this task may still await; else with the next message sent.
                 with contextlib.suppress(Exception):
-                    await self._send()
+                    await self._send(needs_link=False)
 
     async def subscribe(
         self,
@@ -5157,11 +6609,15 @@ class AsyncConnection(_ClientBase):
         timeout: float | None = None,
     ) -> AsyncSubscription:
         """``await conn.subscribe(...)``: an ``AsyncSubscription``; see
-        ``Connection.subscribe``."""
+        ``Connection.subscribe``. It is made again on every reconnection."""
         message, state = self._start_subscription(
             route, matcher, ack, max_pending, durable, type, key, tap
         )
-        self._subscribed(state, await self._request(message, timeout))
+
+        def register() -> None:  # before the answer: its records may follow at once
+            self._subs[state.id] = state
+
+        self._subscribed(state, await self._request(message, timeout, register))
         return AsyncSubscription(self, state)
 
     def kv(self, name: str) -> AsyncKvMap:
@@ -5169,36 +6625,52 @@ class AsyncConnection(_ClientBase):
         return AsyncKvMap(self, name)
 
     async def _request(
-        self, message: Subscribe | SubscriptionControl | KvRequest, timeout: float | None
+        self,
+        message: Subscribe | SubscriptionControl | KvRequest,
+        timeout: float | None,
+        register: Callable[[], None] | None = None,
     ) -> Answer:
         """Send a request and wait for its ``Answer`` (at most ``timeout`` s, None: the
-        connect ``timeout``; then the connection is taken for lost)."""
+        connect ``timeout``; then the link is taken for lost). ``ConnectionLost`` if the
+        link breaks while it is in flight."""
         self._check()
-        if message.id not in self._answers:
-            self._answers[message.id] = None
         limit = self.timeout if timeout is None else timeout
 
+        def before() -> None:
+            self._answers[message.id] = None
+            if register is not None:
+                register()
+
         async def answered() -> None:
-            await self._send(message)
+            await self._send(message, before=before)
             await self._until(lambda: self._answers.get(message.id) is not None)
 
-        await self._within(
-            limit, answered, lambda: self._give_up(f"no answer from the server within {limit} s")
-        )
-        return self._take_answer(message.id)
+        try:
+            await self._within(
+                limit,
+                answered,
+                lambda: self._give_up(f"no answer from the server within {limit} s"),
+            )
+        except BaseException:
+            self._answers.pop(message.id, None)
+            raise
+        return self._take_answer(message)
 
     # -- closing ----------------------------------------------------------------------------
     async def aclose(self, timeout: float | None = None) -> None:
         """Send what is buffered, say goodbye and close; waits at most ``timeout`` seconds
         (None: the connect ``timeout``) for the server to close its side. Closes even when
-        cancelled. Safe to call twice."""
+        cancelled. Safe to call twice. While reconnecting, it stops (nothing is sent)."""
+        self._closing = True
+        if self._closed is None:
+            self._change(_DISCONNECTING)
         try:
-            if self._closed is None:
+            if self._closed is None and self._down is None:
                 limit = self.timeout if timeout is None else timeout
 
                 async def goodbye() -> None:
-                    await self._send(Bye("client closed"))
-                    await self._until(lambda: self._closed is not None)
+                    if await self._send(Bye("client closed"), needs_link=False):
+                        await self._until(lambda: self._closed is not None)
 
                 try:
                     await self._within(
@@ -5209,37 +6681,23 @@ class AsyncConnection(_ClientBase):
                 except ConnectionClosed:
                     pass
         finally:
-            self._mark_closed("closed by the client")
-            await self._stream.aclose()
+            if self._closed is None or self._lifecycle.state is _DISCONNECTING:
+                self._closed = None
+                self._mark_closed("closed by the client")
+                self._closed_raw = self._final = None
+            if self._lifecycle.state is not _DISCONNECTED:
+                self._change(_DISCONNECTED)
+            self._stream_open = True  # (whatever happened, close the stream now)
+            await self._drop_stream()
+            self._notify()
 
 
-class AsyncSubscription:
+class AsyncSubscription(_SubscriptionBase):
     """A subscription of the async client (``await conn.subscribe(...)``): ``async for record
     in sub``, ``await sub.receive(timeout=None)``, and ``await`` for ``stop``, ``start``,
     ``close``, ``ack`` and ``ack_all``; otherwise as ``Subscription``."""
 
-    def __init__(self, conn: AsyncConnection, state: _SubState) -> None:
-        self._conn = conn
-        self._state = state
-        message = state.message
-        self.route = message.route
-        self.matcher = dict(message.matcher)
-        self.ack_mode = message.ack
-        self.durable = message.durable or None
-        self.tap = message.tap
-
-    def __repr__(self) -> str:
-        what = "tap" if self.tap else "subscription"
-        state = f"closed: {self._state.closed}" if self._state.closed else "open"
-        return f"<mzconnector.AsyncSubscription {what} on {self.route!r} ({state})>"
-
-    @property
-    def dropped(self) -> int:
-        return self._state.dropped
-
-    @property
-    def closed(self) -> bool:
-        return self._state.closed is not None
+    _conn: AsyncConnection
 
     async def receive(self, timeout: float | None = None) -> Any:
         """The next record; ``Timeout`` after ``timeout`` seconds (forever if None);
@@ -5255,7 +6713,7 @@ class AsyncSubscription:
             raise SubscriptionError(f"the subscription is closed: {state.closed}")
         record, ack = state.hand_out()
         if ack is not None:
-            await conn._send(ack)
+            await conn._send(ack, needs_link=False)
         return record
 
     def __aiter__(self) -> AsyncSubscription:
@@ -5268,10 +6726,15 @@ class AsyncSubscription:
             raise StopAsyncIteration from None
 
     async def ack(self, record: Any) -> None:
-        await self._conn._send(self._state.ack(record, through=False))
+        await self._send_ack(record, through=False)
 
     async def ack_all(self, record: Any) -> None:
-        await self._conn._send(self._state.ack(record, through=True))
+        await self._send_ack(record, through=True)
+
+    async def _send_ack(self, record: Any, through: bool) -> None:
+        ack = self._state.ack(record, through)
+        if ack is not None:  # (None: handed out before a reconnection)
+            await self._conn._send(ack, needs_link=False)
 
     async def stop(self, timeout: float | None = None) -> None:
         await self._control("stop", timeout)
@@ -5300,7 +6763,8 @@ class AsyncSubscription:
         request = SubscriptionControl(self._state.id, op)
         answer = await self._conn._request(request, timeout)
         if answer.error:
-            raise SubscriptionError(answer.error)
+            raise _with_raw(SubscriptionError(answer.error), answer)
+        self._state.stopped = op == "stop"
 
 
 class AsyncKvMap:
@@ -5341,3 +6805,953 @@ class AsyncKvMap:
 
     async def length(self) -> int:
         return int(await self._do("len"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Command line: mzconnector COMMAND (also python mzconnector.py COMMAND), record and replay
+# ---------------------------------------------------------------------------------------------
+#
+# Commands: mim, types, api, submit TYPE, tail ROUTE, query NAME JSON, smoke, record ROUTE FILE,
+# replay FILE; tail and record subscribe to ROUTE (--match: a matcher) or tap it, for as long
+# as they run; query prints each reply as it arrives. With --json every output is one JSON
+# document per line, keys sorted, records as objects with a "_type" field, datetimes in ISO
+# 8601, bytes in base64; the same shape is the recording format (JSON lines), so what
+# `tail --json` prints, `submit` and `replay` take.
+# Exit status (EXIT_*): one code per class of failure; the error goes to stderr in one line
+# (JSON with --json), with any token taken out.
+
+__all__ += ["ReplayReport", "main", "record", "replay"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # anything else: the connection closed midway, a file cannot be written, ...
+EXIT_USAGE = 2  # bad arguments or input (an unknown type or query, JSON, a matcher)
+EXIT_CONNECT = 3  # cannot connect (no server there, TLS, handshake, an API module)
+EXIT_REFUSED = 4  # refused: the connection (limit, workflow, authentication) or records
+EXIT_PROTOCOL = 5  # protocol error: not an mzconnector server, or one that broke the protocol
+EXIT_TIMEOUT = 6  # no answer within --timeout (connected; while connecting it is EXIT_CONNECT)
+EXIT_INTERRUPTED = 130  # Ctrl-C (tail and record end normally on it: 0)
+
+#: The environment variable a token is read from when --token-env names none.
+TOKEN_ENV = TOKEN_VARIABLE
+#: The first line of a JSON lines recording says what it is.
+_RECORDING = "mzconnector recording"
+
+
+class _UsageError(MZConnectorError):
+    """Bad arguments or input: exit status ``EXIT_USAGE``."""
+
+
+class ReplayReport(msgspec.Struct, kw_only=True):
+    """What ``replay`` did: records ``sent`` (taken or refused by the server), the server's
+    ``refused`` (``RecordError``, index = position among the replayed records) and how many
+    more it counted without describing (``omitted``), records of a type the connector does not
+    accept (``not_accepted``, not sent) and recorded objects that are not records
+    (``skipped``)."""
+
+    sent: int = 0
+    refused: list[RecordError] = []
+    omitted: int = 0
+    not_accepted: int = 0
+    skipped: int = 0
+
+
+# -- JSON: records and values as plain, deterministic data ------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON data: records as objects with ``_type``, datetimes in ISO 8601, bytes
+    in base64, non-finite floats as strings; anything else as ``{"_type": "object", ...}``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        finite = value == value and abs(value) != float("inf")  # JSON has no NaN, no inf
+        return value if finite else str(value)
+    if isinstance(value, msgspec.Struct):
+        out = {"_type": type(value).__name__}
+        out.update((f, _plain(getattr(value, f))) for f in value.__struct_fields__)
+        return out
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _b64(bytes(value))
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return {"_type": "object", "class": _qualname(value), "repr": repr(value)[:1000]}
+
+
+def _record_json(record: Any) -> Any:
+    """One received item as a JSON object with ``_type``: a record, ``bytes`` (``data`` in
+    base64), or ``object`` (another Python object the workflow sent: its class, its
+    ``repr``, and its ``value`` when it is plain data)."""
+    if isinstance(record, (bytes, bytearray, memoryview)):
+        return {"_type": "bytes", "data": _b64(bytes(record))}
+    if isinstance(record, msgspec.Struct):
+        return _plain(record)
+    out = {"_type": "object", "class": _qualname(record), "repr": repr(record)[:1000]}
+    if record is None or isinstance(record, (bool, int, float, str, list, tuple, dict)):
+        out["value"] = _plain(record)
+    return out
+
+
+def _qualname(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _dumps(document: Any) -> str:
+    """One deterministic JSON line: keys sorted, compact, UTF-8."""
+    import json
+
+    return json.dumps(_plain(document), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _from_json(value: Any, kind: Any, codec: RecordCodec, where: str) -> Any:
+    """JSON data back into a value of ``kind`` (a field's declared type): nested records from
+    objects with ``_type``, datetimes from ISO 8601, bytes from base64. Raises ``ValueError``
+    naming ``where``."""
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        return _record_from_json(value, codec, where, expected=kind)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Union:  # T | None
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        return _from_json(value, kind, codec, where)
+    if origin is list and isinstance(value, list):
+        return [_from_json(v, args[0], codec, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {k: _from_json(v, args[1], codec, f"{where}[{k!r}]") for k, v in value.items()}
+    try:
+        return msgspec.convert(value, kind, strict=False)
+    except msgspec.ValidationError:
+        raise ValueError(f"{where}: expected {type_name(kind)}, got {_describe(value)}") from None
+
+
+def _record_from_json(data: Any, codec: RecordCodec, where: str, *, expected: Any = None) -> Any:
+    """A record (or bytes) from its JSON object. ``expected``: the record class it must be."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object with the record's fields")
+    fields = dict(data)
+    name = fields.pop("_type", None)
+    if expected is not None:
+        wanted = "bytes" if expected is bytes else expected.__name__
+        if name is not None and name != wanted:
+            raise ValueError(f"{where}: a {name} where a {wanted} is expected")
+        name = wanted
+    if name == "bytes":
+        return _from_json(fields.get("data"), bytes, codec, f"{where}.data")
+    cls = codec.types.get(name) if isinstance(name, str) else None
+    if cls is None:
+        known = ", ".join([*codec.types, "bytes"])
+        raise ValueError(f"{where}: unknown record type {name!r} (this workflow has: {known})")
+    declared = {f.name: f for f in msgspec.structs.fields(cls)}
+    unknown = [f for f in fields if f not in declared]
+    if unknown:
+        raise ValueError(f"{where}: {name} has no field {unknown[0]!r}")
+    values = {}
+    for field, info in declared.items():
+        if field in fields:
+            values[field] = _from_json(fields[field], info.type, codec, f"{where}.{field}")
+        elif info.required:
+            raise ValueError(f"{where}: {name}.{field} is missing")
+    return cls(**values)
+
+
+# -- record and replay ------------------------------------------------------------------------
+
+
+def record(
+    conn: Connection,
+    route: str | Subscription,
+    path: str,
+    *,
+    matcher: Mapping[str, Any] | None = None,
+    max_records: int | None = None,
+    seconds: float | None = None,
+    format: str | None = None,
+) -> int:
+    """Write the records that arrive on ``route`` to ``path``, each with its arrival time,
+    until ``max_records`` have arrived or ``seconds`` have passed (None: until interrupted,
+    e.g. by interrupting the notebook's kernel; what arrived so far is in the file). Returns
+    how many.
+
+    ``route``: one of ``conn.routes`` (subscribed to, with ``matcher``, for the recording),
+    one of ``conn.taps`` (tapped), or a ``Subscription`` made before (it stays open). A server
+    that offers no routes (one without subscriptions) gives what it sends this client.
+    ``format``: ``"jsonl"`` (JSON lines, the default) or ``"parquet"`` (the default for a path
+    ending in ``.parquet``; needs pyarrow).
+    """
+    kind = _recording_format(path, format)
+    with _incoming(conn, route, matcher) as receive:
+        header = {
+            "_recording": _RECORDING,
+            "version": 1,
+            "workflow": conn.workflow,
+            "route": route if isinstance(route, str) else route.route,
+            "schema": conn._codec.schema,
+            "started": datetime.datetime.now(datetime.timezone.utc),
+        }
+        return _record_to(receive, path, kind, header, max_records, seconds)
+
+
+def _record_to(
+    receive: Callable[[float | None], Any],
+    path: str,
+    kind: str,
+    header: dict[str, Any],
+    max_records: int | None,
+    seconds: float | None,
+) -> int:
+    deadline = None if seconds is None else time.monotonic() + seconds
+    writer = _ParquetWriter(path, header) if kind == "parquet" else _JsonlWriter(path, header)
+    count = 0
+    with writer:
+        while max_records is None or count < max_records:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                break
+            try:
+                item = receive(wait)
+            except Timeout:
+                break
+            writer.write(datetime.datetime.now(datetime.timezone.utc), _record_json(item))
+            count += 1
+    return count
+
+
+def _recording_format(path: str, format: str | None) -> str:
+    kind = format or ("parquet" if str(path).endswith(".parquet") else "jsonl")
+    if kind not in ("jsonl", "parquet"):
+        raise ValueError(f"format={kind!r}: use 'jsonl' or 'parquet'")
+    return kind
+
+
+class _JsonlWriter:
+    """A recording as JSON lines: a header line, then ``{"at": ..., "record": {...}}`` lines."""
+
+    def __init__(self, path: str, header: dict[str, Any]) -> None:
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by __exit__
+        self._file.write(_dumps(header) + "\n")
+
+    def write(self, at: datetime.datetime, record: Any) -> None:
+        self._file.write(_dumps({"at": at, "record": record}) + "\n")
+        self._file.flush()  # a recording interrupted keeps every record that arrived
+
+    def __enter__(self) -> _JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def _import_pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError("Parquet recordings need pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
+class _ParquetWriter:
+    """A recording as Parquet: columns ``at`` (timestamp, UTC), ``type`` and ``record`` (the
+    record's JSON object as text); the header is the file's ``mzconnector`` metadata."""
+
+    ROWS = 4096  # rows per row group written while recording
+
+    def __init__(self, path: str, header: dict[str, Any]) -> None:
+        pa = self._pa = _import_pyarrow()
+        self._schema = pa.schema(
+            [("at", pa.timestamp("us", tz="UTC")), ("type", pa.string()), ("record", pa.string())],
+            metadata={b"mzconnector": _dumps(header).encode()},
+        )
+        self._writer = pa.parquet.ParquetWriter(path, self._schema)
+        self._rows: list[tuple[datetime.datetime, str, str]] = []
+
+    def write(self, at: datetime.datetime, record: Any) -> None:
+        self._rows.append((at, record["_type"], _dumps(record)))
+        if len(self._rows) >= self.ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            columns = [list(c) for c in zip(*self._rows)]
+            self._writer.write_table(self._pa.table(columns, schema=self._schema))
+            self._rows = []
+
+    def __enter__(self) -> _ParquetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
+
+
+def _read_recording(path: str) -> tuple[dict[str, Any], Iterator[tuple[float, Any]]]:
+    """A recording's header, and its (arrival time in Unix seconds, record JSON) pairs."""
+    import json
+
+    if _recording_format(path, None) == "parquet":
+        pa = _import_pyarrow()
+        parquet = pa.parquet.ParquetFile(path)
+        meta = (parquet.schema_arrow.metadata or {}).get(b"mzconnector")
+        header = json.loads(meta) if meta else {}
+
+        def parquet_rows() -> Iterator[tuple[float, Any]]:
+            for chunk in parquet.iter_batches(columns=["at", "record"]):
+                for at, text in zip(chunk.column(0).to_pylist(), chunk.column(1).to_pylist()):
+                    yield at.timestamp(), json.loads(text)
+
+        return header, parquet_rows()
+
+    file = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the generator
+    first = file.readline()
+    try:
+        header = json.loads(first)
+        if not isinstance(header, dict) or header.get("_recording") != _RECORDING:
+            raise ValueError
+    except ValueError:
+        file.close()
+        raise ValueError(f"{path}: line 1: not an mzconnector recording") from None
+
+    def jsonl_rows() -> Iterator[tuple[float, Any]]:
+        with file:
+            for number, line in enumerate(file, 2):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    at = datetime.datetime.fromisoformat(entry["at"].replace("Z", "+00:00"))
+                    yield at.timestamp(), entry["record"]
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ValueError(f"{path}: line {number}: not a recorded record") from None
+
+    return header, jsonl_rows()
+
+
+def replay(
+    conn: Connection, path: str, *, pace: str | float = "fast", progress: bool = False
+) -> ReplayReport:
+    """Push a recording (``record``) back into a workflow through ``conn``, and report what the
+    server refused. ``pace``: ``"fast"`` (as fast as possible), ``"original"`` (the recorded
+    gaps between arrivals), or a number: that many times faster than the original (``10``).
+    Returns once the server has taken every record (``flush``)."""
+    if pace == "fast":
+        speed = None
+    elif pace == "original":
+        speed = 1.0
+    elif isinstance(pace, (int, float)) and not isinstance(pace, bool) and pace > 0:
+        speed = float(pace)
+    else:
+        raise ValueError(f"pace={pace!r}: use 'fast', 'original' or a speed-up factor above 0")
+    _, rows = _read_recording(path)
+    report = ReplayReport()
+    start = conn._ledger.sent + len(conn._ledger.refused_here) + len(conn._buf)
+    bar = _progress_bar(()) if progress else None
+
+    def refused(error: RecordRefused) -> None:
+        report.refused.extend(
+            msgspec.structs.replace(e, index=e.index - start) for e in error.errors
+        )
+        report.omitted += error.omitted
+
+    known = (*conn._codec.types, "bytes")
+    first_at: float | None = None
+    began = time.monotonic()
+    try:
+        for number, (at, data) in enumerate(rows):
+            if isinstance(data, dict) and data.get("_type") == "object":
+                report.skipped += 1
+                continue
+            try:
+                item = _record_from_json(data, conn._codec, f"{path}: record {number}")
+            except ValueError:
+                if isinstance(data, dict) and data.get("_type") not in known:
+                    report.not_accepted += 1  # a type this workflow does not have
+                    continue
+                raise
+            if type(item) not in conn._accepted_classes:
+                report.not_accepted += 1
+                continue
+            if speed is not None:
+                first_at = at if first_at is None else first_at
+                delay = (at - first_at) / speed - (time.monotonic() - began)
+                if delay > 0:
+                    time.sleep(delay)
+            while True:
+                try:
+                    conn.submit(item)
+                    break
+                except RecordRefused as error:  # raised before this record was queued
+                    refused(error)
+            report.sent += 1
+            if bar is not None:
+                bar.update(1)
+        while True:
+            try:
+                conn.flush()
+                break
+            except RecordRefused as error:
+                refused(error)
+    finally:
+        if bar is not None:
+            bar.close()
+    return report
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def _default_value(kind: Any, codec: RecordCodec) -> Any:
+    """A plain value of a declared field type, for the smoke test's record."""
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        return _default_record(kind, codec)
+    if typing.get_origin(kind) is Union:
+        return None
+    if typing.get_origin(kind) in (list, dict):
+        return typing.get_origin(kind)()
+    if kind is datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc)
+    return {int: 0, float: 0.0, str: "smoke", bool: False, bytes: b"smoke"}.get(kind)
+
+
+def _default_record(cls: Any, codec: RecordCodec) -> Any:
+    return cls(**{f.name: _default_value(f.type, codec) for f in msgspec.structs.fields(cls)})
+
+
+class _Output:
+    """Where a command's results go: stdout, as text or as JSON lines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def emit(self, document: Any, text: str) -> None:
+        print(_dumps(document) if self.json else text, flush=True)
+
+
+def _cmd_mim(conn: Connection, args: Any, out: _Output) -> int:
+    values = conn.mim()
+    width = max((len(k) for k in values), default=0)
+    text = "\n".join(f"{k:<{width}}  {_cell_text(v)}" for k, v in values.items())
+    out.emit(dict(values), text)
+    return EXIT_OK
+
+
+def _cmd_types(conn: Connection, args: Any, out: _Output) -> int:
+    schema = conn._codec.schema
+    names = sorted([*schema, *(["bytes"] if "bytes" in conn.accepted else [])])
+    for name in names:
+        fields = schema.get(name, {})
+        accepted = name in conn.accepted
+        text = (
+            name
+            if name == "bytes"
+            else f"{name}({', '.join(f'{f}: {t}' for f, t in fields.items())})"
+        )
+        out.emit(
+            {"type": name, "fields": fields, "accepted": accepted},
+            text + ("  accepted" if accepted else ""),
+        )
+    return EXIT_OK
+
+
+def _cmd_api(conn: Connection, args: Any, out: _Output) -> int:
+    import inspect
+
+    owners = {id(v): m for m, module in conn.api_modules.items() for v in vars(module).values()}
+    for name in sorted(conn.api):
+        member = conn.api[name]
+        try:
+            signature = str(inspect.signature(member))
+        except (TypeError, ValueError):
+            signature = ""
+        doc = (inspect.getdoc(member) or "").split("\n", 1)[0] if callable(member) else ""
+        module = owners.get(id(member), "")
+        out.emit(
+            {"name": name, "module": module, "signature": signature, "doc": doc},
+            f"{name}{signature}  [{module}]" + (f"  {doc}" if doc else ""),
+        )
+    return EXIT_OK
+
+
+def _cmd_submit(conn: Connection, args: Any, out: _Output) -> int:
+    import json
+
+    kind: Any = bytes if args.type == "bytes" else conn._codec.types.get(args.type)
+    if kind is None or args.type not in conn.accepted:
+        accepted = ", ".join(conn.accepted) or "nothing"
+        raise _UsageError(f"the connector does not accept {args.type!r}; it accepts: {accepted}")
+    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")  # noqa: SIM115
+    submitted = 0
+    refused: list[RecordError] = []
+    omitted = 0
+    try:
+        for number, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            where = f"{args.file or '<stdin>'}: line {number}"
+            try:
+                data = json.loads(line)
+                if kind is bytes and isinstance(data, str):
+                    data = {"data": data}
+                item = _record_from_json(data, conn._codec, where, expected=kind)
+            except ValueError as exc:
+                text = str(exc) if str(exc).startswith(where) else f"{where}: not JSON ({exc})"
+                raise _UsageError(text) from None
+            while True:
+                try:
+                    conn.submit(item)
+                    break
+                except RecordRefused as error:
+                    refused.extend(error.errors)
+                    omitted += error.omitted
+            submitted += 1
+        while True:
+            try:
+                conn.flush()
+                break
+            except RecordRefused as error:
+                refused.extend(error.errors)
+                omitted += error.omitted
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    count = len(refused) + omitted
+    out.emit(
+        {"submitted": submitted, "refused": count, "errors": [_plain(e) for e in refused]},
+        f"submitted {submitted} record(s) of {args.type}; the server refused {count}",
+    )
+    if count:
+        raise RecordRefused(refused, omitted)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _incoming(
+    conn: Connection, route: str | Subscription, matcher: Mapping[str, Any] | None = None
+) -> Iterator[Callable[[float | None], Any]]:
+    """How ``tail`` and ``record`` take what arrives: ``receive(timeout)``. A route of
+    ``conn.routes`` is subscribed to (with ``matcher``), one of ``conn.taps`` tapped, for as
+    long as this lasts; a ``Subscription`` given is used as it is. A server that offers no
+    routes at all (one without subscriptions): what it sends this client."""
+    if isinstance(route, Subscription):
+        if matcher:
+            raise ValueError("a matcher goes to conn.subscribe(), not with a Subscription")
+        yield route.receive
+        return
+    if not conn.routes and not conn.taps:
+        if matcher:
+            raise _UsageError("this server offers no subscriptions: no matcher possible")
+        yield conn.receive
+        return
+    if route not in conn.routes and route not in conn.taps:
+        offered = ", ".join([*conn.routes, *(f"{t} (tap)" for t in conn.taps)])
+        raise _UsageError(f"the server offers no route {route!r} (it offers: {offered})")
+    sub = conn.subscribe(route, matcher, tap=route not in conn.routes)
+    try:
+        yield sub.receive
+    finally:
+        with contextlib.suppress(MZConnectorError):
+            sub.close()
+
+
+def _matcher(args: Any) -> dict[str, Any] | None:
+    import json
+
+    if args.match is None:
+        return None
+    try:
+        matcher = json.loads(args.match)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--match: not JSON: {exc}") from None
+    if not isinstance(matcher, dict):
+        raise _UsageError("--match: expected a JSON object of field -> value")
+    return matcher
+
+
+def _cmd_tail(conn: Connection, args: Any, out: _Output) -> int:
+    deadline = None if args.seconds is None else time.monotonic() + args.seconds
+    count = 0
+    with _incoming(conn, args.route, _matcher(args)) as receive:
+        try:
+            while args.count is None or count < args.count:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    break
+                try:
+                    item = receive(wait)
+                except Timeout:
+                    break
+                out.emit(_record_json(item), repr(item))
+                count += 1
+        except KeyboardInterrupt:  # the usual way to end a tail
+            pass
+    return EXIT_OK
+
+
+def _cmd_query(conn: Connection, args: Any, out: _Output) -> int:
+    import json
+
+    kinds = conn._query_types.get(args.query)
+    if kinds is None:
+        known = ", ".join(conn._query_types) or "none"
+        raise _UsageError(f"no query {args.query!r} (this server offers: {known})")
+    try:
+        data = json.loads(args.payload)
+        request = _record_from_json(data, conn._codec, "request", expected=kinds[0])
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"the request is not JSON: {exc}") from None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    limit = args.seconds if args.seconds is not None else args.timeout
+    replies = conn.query(args.query, request, timeout=limit)
+    try:
+        for reply in replies:  # each as it arrives
+            out.emit(_record_json(reply), repr(reply))
+    except QueryError as exc:
+        if exc.code in ("unknown-query", "bad-request"):
+            raise _UsageError(str(exc)) from None
+        raise
+    finally:
+        replies.close()  # on Ctrl-C or an error: the server cancels the query
+    return EXIT_OK
+
+
+def _cmd_smoke(conn: Connection, args: Any, out: _Output) -> int:
+    report: dict[str, Any] = {"connected": True, "workflow": conn.workflow}
+    kinds = [n for n in conn.accepted if n != "bytes"]
+    if args.type is not None:
+        if args.type not in conn.accepted:
+            raise _UsageError(f"the connector does not accept {args.type!r}")
+        kinds = [args.type]
+    if kinds and kinds[0] != "bytes":
+        item: Any = _default_record(conn.udrs[kinds[0]], conn._codec)
+    elif "bytes" in conn.accepted:
+        item = b"smoke"
+    else:
+        item = None
+    report["pushed"] = None if item is None else _record_json(item)
+    report["answer"] = None
+    if item is not None:
+        conn.submit(item)
+        conn.flush()
+        try:
+            report["answer"] = _record_json(conn.receive(timeout=args.answer_timeout))
+        except Timeout:
+            pass
+    report["mim"] = dict(conn.mim())
+    answer = "no answer" if report["answer"] is None else "an answer"
+    pushed = "nothing" if item is None else f"one {report['pushed']['_type']}"
+    out.emit(
+        report,
+        f"smoke: connected to {conn.workflow!r}, pushed {pushed}, {answer} within "
+        f"{args.answer_timeout} s, read {len(report['mim'])} MIM values: ok",
+    )
+    return EXIT_OK
+
+
+def _cmd_record(conn: Connection, args: Any, out: _Output) -> int:
+    count = 0
+    try:
+        count = record(
+            conn,
+            args.route,
+            args.path,
+            matcher=_matcher(args),
+            max_records=args.count,
+            seconds=args.seconds,
+            format=args.format,
+        )
+    except KeyboardInterrupt:  # the usual way to end a recording
+        pass
+    out.emit({"recorded": count, "file": args.path}, f"recorded {count} record(s) to {args.path}")
+    return EXIT_OK
+
+
+def _cmd_replay(conn: Connection, args: Any, out: _Output) -> int:
+    pace: str | float = "original" if args.pace == "original" else "fast"
+    if args.speed is not None:
+        pace = args.speed
+    try:
+        report = replay(conn, args.path, pace=pace)
+    except (OSError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    refused = len(report.refused) + report.omitted
+    out.emit(
+        {
+            "sent": report.sent,
+            "refused": refused,
+            "errors": [_plain(e) for e in report.refused],
+            "not_accepted": report.not_accepted,
+            "skipped": report.skipped,
+        },
+        f"replayed {report.sent} record(s) from {args.path}; the server refused {refused}; "
+        f"{report.not_accepted} of types it does not accept and {report.skipped} other "
+        "object(s) were not sent",
+    )
+    if refused:
+        raise RecordRefused(report.refused, report.omitted)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[Connection, Any, _Output], int]] = {
+    "mim": _cmd_mim,
+    "types": _cmd_types,
+    "api": _cmd_api,
+    "submit": _cmd_submit,
+    "tail": _cmd_tail,
+    "query": _cmd_query,
+    "smoke": _cmd_smoke,
+    "record": _cmd_record,
+    "replay": _cmd_replay,
+}
+
+
+# -- arguments, connecting, errors ------------------------------------------------------------
+
+
+class _ArgumentParser:
+    """argparse, with its errors raised (to be said in one line, as JSON with --json)."""
+
+    @staticmethod
+    def make(**kwargs: Any) -> Any:
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message: str) -> typing.NoReturn:
+                raise _UsageError(message)
+
+        return Parser(**kwargs)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _server(text: str) -> tuple[str, int]:
+    import argparse
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> Any:
+    import argparse
+
+    suppress = argparse.SUPPRESS
+    common = _ArgumentParser.make(add_help=False)
+    group = common.add_argument_group("connection and output")
+    group.add_argument("--host", default=suppress, help="server address (127.0.0.1)")
+    group.add_argument("--port", type=int, default=suppress, help=f"port ({DEFAULT_PORT})")
+    group.add_argument(
+        "--server",
+        type=_server,
+        action="append",
+        default=suppress,
+        metavar="HOST:PORT",
+        help="server to connect to, instead of --host/--port (one today; more: failover, "
+        "once the client has it)",
+    )
+    group.add_argument(
+        "--timeout", type=_positive, default=suppress, help="seconds for each answer (10)"
+    )
+    group.add_argument("--name", default=suppress, help="the name the workflow sees")
+    group.add_argument("--tls", action="store_true", default=suppress, help="connect over TLS")
+    group.add_argument("--cafile", default=suppress, help="CA to verify the server (with --tls)")
+    group.add_argument("--certfile", default=suppress, help="client certificate (with --tls)")
+    group.add_argument("--keyfile", default=suppress, help="its key, if apart (with --tls)")
+    group.add_argument(
+        "--server-hostname", default=suppress, help="the name to verify the certificate against"
+    )
+    group.add_argument(
+        "--token-env",
+        default=suppress,
+        metavar="NAME",
+        help=f"read the token from this environment variable (default: {TOKEN_ENV})",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=suppress,
+        help="one JSON document per line (keys sorted), errors as JSON on stderr",
+    )
+    parser = _ArgumentParser.make(
+        prog="mzconnector",
+        description="Talk to a running mzconnector workflow server from a shell.",
+        parents=[common],
+        epilog="Exit status: 0 ok, 1 failed, 2 bad arguments or input, 3 cannot connect, "
+        "4 refused (connection, authentication or records), 5 protocol error, 6 timeout, "
+        "130 interrupted.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, text: str) -> Any:
+        return commands.add_parser(name, help=text, description=text, parents=[common])
+
+    command("mim", "print the MIM values")
+    command("types", "print the record types, and which the connector accepts")
+    command("api", "print the functions of the server's API modules")
+    sub = command("submit", "submit records read as JSON lines (stdin or --file)")
+    sub.add_argument("type", metavar="TYPE", help='a record type, or "bytes" (base64)')
+    sub.add_argument("--file", help="read the records from this file (- = stdin)")
+    sub = command("tail", "print records as they arrive on a route")
+    sub.add_argument("route", metavar="ROUTE", help="a route the server offers, or a tap")
+    sub.add_argument("--match", metavar="JSON", help='only records matching {"field": value}')
+    sub.add_argument("--count", type=int, help="stop after this many records")
+    sub.add_argument("--seconds", type=_positive, help="stop after this many seconds")
+    sub = command("query", "ask the workflow a query; print each reply as it arrives")
+    sub.add_argument("query", metavar="NAME")
+    sub.add_argument("payload", metavar="JSON", help="the request: an object of its fields")
+    sub.add_argument(
+        "--seconds", type=_positive, help="the whole query at most (default: --timeout)"
+    )
+    sub = command("smoke", "connect, push one record, receive an answer, read MIM, close")
+    sub.add_argument("--type", help="the record type to push (default: the first accepted)")
+    sub.add_argument(
+        "--answer-timeout", type=_positive, default=2.0, help="seconds to wait for an answer (2)"
+    )
+    sub = command("record", "write records as they arrive to a file, with arrival times")
+    sub.add_argument("route", metavar="ROUTE", help="a route the server offers, or a tap")
+    sub.add_argument("--match", metavar="JSON", help='only records matching {"field": value}')
+    sub.add_argument("path", metavar="FILE", help="JSON lines, or Parquet for *.parquet")
+    sub.add_argument("--format", choices=["jsonl", "parquet"], help="default: by the file name")
+    sub.add_argument("--count", type=int, help="stop after this many records")
+    sub.add_argument("--seconds", type=_positive, help="stop after this many seconds")
+    sub = command("replay", "push a recording back into the workflow")
+    sub.add_argument("path", metavar="FILE")
+    sub.add_argument(
+        "--pace", choices=["fast", "original"], default="fast", help="fast (default) or original"
+    )
+    sub.add_argument("--speed", type=_positive, help="the original pace this many times faster")
+    return parser
+
+
+_DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": DEFAULT_PORT,
+    "server": [],
+    "timeout": 10.0,
+    "name": "mzconnector-cli",
+    "tls": False,
+    "cafile": None,
+    "certfile": None,
+    "keyfile": None,
+    "server_hostname": None,
+    "token_env": None,
+    "json": False,
+}
+
+
+def _token(args: Any) -> str | None:
+    """The token to present: from ``--token-env NAME``, else from ``TOKEN_ENV`` if set."""
+    import os
+
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise _UsageError(f"--token-env {args.token_env}: the variable is not set")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _open(args: Any, token: str | None) -> Connection:
+    """``connect()`` with what the options say: several ``--server`` are tried as
+    ``connect()`` tries a list."""
+    servers = args.server or [(args.host, args.port)]
+    where: Any = [f"{h}:{p}" for h, p in servers] if len(servers) > 1 else servers[0][0]
+    try:
+        return connect(
+            where,
+            servers[0][1],
+            timeout=args.timeout,
+            name=args.name,
+            token=token,
+            tls=args.tls,
+            cafile=args.cafile,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            server_hostname=args.server_hostname,
+        )
+    except ValueError as exc:  # TLS files without --tls, and the like
+        raise _UsageError(str(exc)) from None
+
+
+def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, (_UsageError, NotAccepted, SubscriptionError)):
+        return EXIT_USAGE
+    if isinstance(exc, (ConnectionRefused, ConnectionRejected, RecordRefused)):
+        return EXIT_REFUSED
+    if isinstance(exc, Timeout):
+        return EXIT_TIMEOUT
+    # A broken protocol ends a connection as a ConnectionClosed saying so (_handle), and a
+    # handshake with something else than our server as a ConnectError caused by it.
+    if (
+        isinstance(exc, ProtocolError)
+        or isinstance(exc.__cause__, ProtocolError)
+        or (isinstance(exc, ConnectionClosed) and str(exc).startswith("protocol error"))
+    ):
+        return EXIT_PROTOCOL
+    if isinstance(exc, ConnectError):
+        return EXIT_CONNECT
+    return EXIT_FAILED
+
+
+def _say_error(exc: BaseException, status: int, as_json: bool, secrets: list[str]) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    if as_json:
+        kind = type(exc).__name__.lstrip("_")
+        line = _dumps({"error": message, "exit": status, "kind": kind})
+    else:
+        line = f"mzconnector: {message}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``mzconnector [options] COMMAND ...`` (``--help`` lists them).
+    Returns the exit status."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in arguments
+    secrets: list[str] = []
+    try:
+        args = _parser().parse_args(arguments)
+        for key, value in _DEFAULTS.items():
+            if not hasattr(args, key):
+                setattr(args, key, value)
+        as_json = args.json
+        token = _token(args)
+        if token:
+            secrets.append(token)
+        with _open(args, token) as conn:
+            return _COMMANDS[args.command](conn, args, _Output(as_json))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (MZConnectorError, OSError, ImportError) as exc:
+        status = _exit_status(exc)
+        _say_error(exc, status, as_json, secrets)
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

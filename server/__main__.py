@@ -1,4 +1,5 @@
-"""``python -m mzserver [workflow.toml] [--port N]``: run a workflow server until Ctrl-C/SIGTERM."""
+"""``python -m mzserver [workflow.toml] [--port N] [--http-port N]``: run a workflow server until
+Ctrl-C/SIGTERM."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
     parser.add_argument("--host", help='address to bind ("" = all interfaces)')
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        help="serve /healthz, /readyz, /metrics and the status page on this port "
+        "([http] port; 0 = any free port)",
+    )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -63,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
         if changes:
             config = config.replace_connector(**changes)
+        if args.http_port is not None:
+            config = config.replace_http(port=args.http_port)
         if args.processor and args.role != "worker":
             raise ConfigError(config.source, "", "--processor is for --role worker")
         unknown = sorted(set(args.processor or ()) - {p.name for p in config.processors})
         if unknown:
             raise ConfigError(config.source, "processors", f"no processor named {unknown[0]!r}")
-        trio.run(_run, config, args.role, args.processor)
-    except KeyboardInterrupt:  # a second Ctrl-C during a graceful stop
+        return trio.run(_run, config, args.role, args.processor)
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place
         return 130
     except BaseException as exc:
         error = _find(exc, ServerError)
@@ -77,15 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mzserver: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
-async def _run(config: Config, role: str, processors: list[str] | None) -> None:
+async def _run(config: Config, role: str, processors: list[str] | None) -> int:
+    """Serve until stopped: 0 after a graceful stop, 130 when a second signal cut it short."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 functools.partial(serve, config, role=role, processors=processors)
             )
+            # The first line is a contract (scripts read the address from its end); the HTTP
+            # listener and the probe port each get a line of their own after it.
             if role == "worker":
                 names = processors or [p.name for p in config.processors]
                 print(
@@ -98,6 +109,10 @@ async def _run(config: Config, role: str, processors: list[str] | None) -> None:
                     f"{server.host}:{server.port}",
                     flush=True,
                 )
+            if server.http_url is not None:
+                print(f"mzserver: status page and probes on {server.http_url}", flush=True)
+            if server.probe_port is not None:
+                print(f"mzserver: TCP probe port {server.probe_port}", flush=True)
 
             async def on_signals() -> None:
                 async for signum in signals:
@@ -108,11 +123,13 @@ async def _run(config: Config, role: str, processors: list[str] | None) -> None:
                         )
                         server.stop()
                     else:
-                        nursery.cancel_scope.cancel()
+                        cut_short.cancel()
 
-            nursery.start_soon(on_signals)
-            await server.wait_stopped()
+            with trio.CancelScope() as cut_short:
+                nursery.start_soon(on_signals)
+                await server.wait_stopped()
             nursery.cancel_scope.cancel()
+    return 130 if cut_short.cancelled_caught else 0
 
 
 def _find(exc: BaseException, kind: type[ServerError]) -> ServerError | None:

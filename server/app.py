@@ -11,6 +11,11 @@ program::
 A graceful stop stops accepting and reading, lets the workflow finish every record taken,
 delivers what it routes back, tells every client the server is going away, and returns. What
 is not done within ``shutdown_timeout`` is cancelled.
+
+With ``[http] port``, the HTTP listener (health, readiness, metrics, status page) runs in the
+same nursery: it starts first, so that ``/readyz`` says "starting" until the workflow runs and
+the connector accepts, says "stopping" during a graceful stop, and stops last. With
+``[connector] tcp_probe_port``, the probe port is open exactly while the server is ready.
 """
 
 from __future__ import annotations
@@ -24,23 +29,38 @@ import trio
 from .config import Config
 from .connector import Connector
 from .engines import Engine, open_engine
+from .health import Health, Phase
+from .http import GRACEFUL_TIMEOUT, HttpServer
 from .mim import AssignedMims, MimTable
+from .observe import Observed
+from .probe import serve_probe
 from .workflow import Workflow
 
 log = logging.getLogger("mzserver")
 
 
 class Server:
-    """A running server: where it listens, its MIM values, and ``stop()``."""
+    """A running server: where it listens, its MIM values, its health, and ``stop()``."""
 
     def __init__(
-        self, config: Config, mim: MimTable, addresses: list[Any], *, role: str = "all"
+        self,
+        config: Config,
+        mim: MimTable,
+        addresses: list[Any],
+        *,
+        role: str = "all",
+        health: Health | None = None,
     ) -> None:
         self.config = config
         self.mim = mim
         self.addresses = addresses
         self.role = role
         self.engine: Engine | None = None
+        self.health = health if health is not None else Health()
+        #: The status page's address (``http://host:port/``), with ``[http] port``.
+        self.http_url: str | None = None
+        #: The TCP probe port, with ``[connector] tcp_probe_port``.
+        self.probe_port: int | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
 
@@ -87,12 +107,31 @@ async def serve(
         connector = None if role == "worker" else Connector(config, engine, mim)
         control = connector if connector is not None else engine.remote_control()
         only = () if role == "connector" else processors
-        workflow = Workflow(config, engine.routes, mim, control, engine.kv, only=only)
+        health = Health()
+        workflow = Workflow(
+            config, engine.routes, mim, control, engine.kv, only=only, health=health
+        )
         listeners = [] if connector is None else await connector.open_listeners()
-        server = Server(config, mim, [lst.socket.getsockname() for lst in listeners], role=role)
+        addresses = [lst.socket.getsockname() for lst in listeners]
+        server = Server(config, mim, addresses, role=role, health=health)
         server.engine = engine
+        http = None
+        if config.http.port is not None:
+            observed = Observed(config, mim, engine, workflow, connector, health, role=role)
+            http = HttpServer(config.http, observed)
+            try:
+                await http.open()
+            except BaseException:
+                for listener in listeners:
+                    await listener.aclose()
+                raise
+            server.http_url = http.url
         try:
             async with trio.open_nursery() as nursery:
+                if http is not None:
+                    await nursery.start(http.serve, name="http")
+                    log.info("HTTP on %s (/healthz /readyz /metrics)", server.http_url)
+                nursery.start_soon(_watch_engine, engine, health, name="engine readiness")
                 nursery.start_soon(workflow.run, name="workflow")
                 await nursery.start(engine.run, connector)
                 if connector is not None:
@@ -100,18 +139,40 @@ async def serve(
                     log.info(
                         "workflow %r listening on %s:%d", config.workflow, server.host, server.port
                     )
+                health.set_phase(Phase.READY)
+                probe = config.connector.tcp_probe_port
+                if probe is not None:
+                    server.probe_port = await nursery.start(
+                        serve_probe, health, config.connector.host, probe, name="tcp probe"
+                    )
                 task_status.started(server)
                 try:
                     await server._stop.wait()
+                    health.set_phase(Phase.STOPPING)
                     await _graceful_stop(config, connector, engine)
                 except BaseException:
                     # Cancelled: stop at once, including work shielded for a graceful stop.
                     if connector is not None:
                         connector.abort()
                     raise
+                if http is not None:
+                    http.stop()  # last: /readyz said "stopping" until now
+                    with trio.move_on_after(2 * GRACEFUL_TIMEOUT):
+                        await http.stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            if http is not None:
+                http.close_unserved()
             server._stopped.set()
+
+
+async def _watch_engine(engine: Engine, health: Health) -> None:
+    """Keep ``health`` told whether the engine can take records (the NATS engine cannot while
+    its connection to NATS is down); it waits for changes, never polls."""
+    while True:
+        ready, why = engine.ready
+        health.set_engine(ready, why)
+        await engine.wait_ready_changed()
 
 
 async def _graceful_stop(config: Config, connector: Connector | None, engine: Engine) -> None:

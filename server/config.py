@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -34,10 +35,11 @@ from mzconnector import (
 )
 
 from .api_modules import load_api_module
+from .auth import TOKEN_VARIABLE, Authenticator, Secret
 from .errors import ConfigError
 from .loader import load_entry
 from .mim import BUILTIN_MIMS
-from .tables import ConfigFile, ConnectorTable, EngineTable, TlsTable, convert_table
+from .tables import ConfigFile, ConnectorTable, EngineTable, HttpTable, TlsTable, convert_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +86,13 @@ class Config:
     ssl_context: ssl.SSLContext | None = None
     queries: dict[str, QuerySpec] = dataclasses.field(default_factory=dict)
     kv_path: Path | None = None  # None: the key-value maps live in memory
+    #: The tokens clients must present (None: no authentication); its repr shows no token.
+    auth: Authenticator | None = None
     engine: EngineTable = dataclasses.field(default_factory=EngineTable)
     #: What the config was built from (the TOML's structure), for ``replace_connector``.
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    #: ``[http]``: the HTTP listener (health, readiness, metrics, status page), if a port is set.
+    http: HttpTable = dataclasses.field(default_factory=HttpTable)
 
     @classmethod
     def from_dict(
@@ -109,8 +115,17 @@ class Config:
         data = {**self.data, "connector": {**connector, **changes}}
         return _build(data, self.base_dir, self.source)
 
-    def welcome(self, connection_id: int) -> Welcome:
-        """What a client is told when its connection opens."""
+    def replace_http(self, **changes: Any) -> Config:
+        """A copy with some ``[http]`` keys changed (e.g. ``port=0``), checked as the TOML
+        file is."""
+        http = self.data.get("http", {})
+        if not isinstance(http, Mapping):
+            http = {}
+        return _build({**self.data, "http": {**http, **changes}}, self.base_dir, self.source)
+
+    def welcome(self, connection_id: int, *, resumed: int = -1, keepalive: float = 0.0) -> Welcome:
+        """What a client is told when its connection opens: with how far the server has taken
+        the client's session (-1: it does not know it), and how often it pings the client."""
         connector = self.connector
         return Welcome(
             protocol=PROTOCOL_VERSION,
@@ -127,6 +142,8 @@ class Config:
             },
             routes=list(connector.input_routes),
             taps=list(connector.tap_routes),
+            resumed=resumed,
+            keepalive=keepalive,
         )
 
     @property
@@ -185,6 +202,7 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
 
     connector = raw.connector
     _check_connector(connector, raw, source)
+    _check_ports(connector, raw.http, source)
     processors = tuple(
         Processor(
             name=p.name,
@@ -201,6 +219,9 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
     queries = _queries(raw, codec, processors, source)
     engine = _engine(raw, source)
     ssl_context = _ssl_context(connector.tls, base_dir, source)
+    connector_data = data.get("connector")
+    auth_given = isinstance(connector_data, Mapping) and "auth" in connector_data
+    auth = _authenticator(connector, auth_given, source)
 
     api_modules = tuple(
         load_api_module(ref, base_dir, source=source, key=f"api.modules[{i}]")
@@ -222,11 +243,30 @@ def _build(data: Mapping[str, Any], base_dir: Path, source: str) -> Config:
         ssl_context=ssl_context,
         queries=queries,
         kv_path=(base_dir / raw.kv.path) if raw.kv.path else None,
+        auth=auth,
         engine=engine,
         data=data,
+        http=raw.http,
     )
     _check_welcome_fits(config)
     return config
+
+
+def _check_ports(connector: ConnectorTable, http: HttpTable, source: str) -> None:
+    """The listeners of one server need distinct ports where their addresses overlap (the
+    probe port is on the connector's host; 0, any free port, never clashes)."""
+    taken = {connector.port: "connector.port"}
+    if connector.tcp_probe_port:
+        taken[connector.tcp_probe_port] = "connector.tcp_probe_port"
+        if connector.tcp_probe_port == connector.port:
+            raise ConfigError(
+                source,
+                "connector.tcp_probe_port",
+                f"port {connector.port} is taken by connector.port",
+            )
+    shared = "" in (http.host, connector.host) or http.host == connector.host
+    if http.port and shared and http.port in taken:
+        raise ConfigError(source, "http.port", f"port {http.port} is taken by {taken[http.port]}")
 
 
 def _check_connector(connector: ConnectorTable, raw: ConfigFile, source: str) -> None:
@@ -450,6 +490,43 @@ def _ssl_context(tls: TlsTable, base_dir: Path, source: str) -> ssl.SSLContext |
     elif tls.cafile:
         context.verify_mode = ssl.CERT_OPTIONAL  # take a certificate's subject when offered
     return context
+
+
+def _authenticator(connector: ConnectorTable, given: bool, source: str) -> Authenticator | None:
+    """The tokens clients must present: ``[connector.auth]`` when the file has it, else the
+    environment variable (if set), else none. No message here ever shows a token."""
+    if not given:
+        value = os.environ.get(TOKEN_VARIABLE, "")
+        return Authenticator({"": Secret(value)}, TOKEN_VARIABLE) if value else None
+    table = connector.auth
+    tokens: dict[str, Secret] = {}
+    if table.token is not None:
+        if table.token.empty:
+            raise ConfigError(source, "connector.auth.token", "is empty: it would let anyone in")
+        tokens[""] = table.token
+    owner: dict[bytes, str] = {}
+    for name, secret in table.tokens.items():
+        key = f"connector.auth.tokens.{name}"
+        if not name:
+            raise ConfigError(source, key, 'a user name cannot be "" (use token = ... instead)')
+        if secret.empty:
+            raise ConfigError(source, key, "is empty: it would let anyone in")
+        if secret.digest in owner:
+            raise ConfigError(source, key, f"is the same token as {owner[secret.digest]}'s")
+        owner[secret.digest] = name
+        tokens[name] = secret
+    if tokens.get("") is not None and tokens[""].digest in owner:
+        name = owner[tokens[""].digest]
+        key = f"connector.auth.tokens.{name}"
+        raise ConfigError(source, key, "is the same token as the shared one")
+    if not tokens:
+        raise ConfigError(
+            source,
+            "connector.auth",
+            'no token: give token = "..." (one shared token) or [connector.auth.tokens] '
+            '(name = "token" rows)',
+        )
+    return Authenticator(tokens, source)
 
 
 def _check_welcome_fits(config: Config) -> None:

@@ -22,6 +22,9 @@ class ConnectionInfo:
     metadata: dict[str, Any]
     tls_subject: str | None
     connected_at: datetime.datetime
+    #: The name of the token the client presented (``[connector.auth.tokens]``); "" for the
+    #: shared token, or when the server asks for none.
+    user: str = ""
     #: The connector server the connection is attached to (its instance, with the NATS
     #: engine; "" with the local one).
     server: str = ""
@@ -53,6 +56,10 @@ class ConnectionRequest:
     @property
     def tls_subject(self) -> str | None:
         return self.connection.tls_subject
+
+    @property
+    def user(self) -> str:
+        return self.connection.user
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ from .mim import MimTable
 from .outbox import Waiting
 from .routes import Batch, OutputRoutes
 from .session import ServerConnection
+from .sessions import SessionTable
 from .subscriptions import SubscriptionHub
 
 log = logging.getLogger("mzserver.connector")
@@ -88,6 +89,9 @@ class Connector:
         else:
             self.limit = settings.max_connections or math.inf
         self.limiter = trio.CapacityLimiter(self.limit)
+        memory = settings.session_memory
+        #: Client sessions: how far each client's numbered records were taken.
+        self.sessions = SessionTable(memory.seconds, memory.sessions, trio.current_time)
         self.connections: dict[int, ServerConnection] = {}  # open: records go to these
         self._sessions: dict[int, ServerConnection] = {}  # every live one, open or not yet
         self._ids = itertools.count(1)

@@ -43,6 +43,10 @@ class Engine(Protocol):
         """Whether the engine can take records now, and why not."""
         ...
 
+    async def wait_ready_changed(self) -> None:
+        """Return when ``ready`` may have changed (readiness waits on it, never polls)."""
+        ...
+
     async def run(
         self, control: ConnectionControl | None, *, task_status: trio.TaskStatus[None]
     ) -> None:
@@ -80,6 +84,9 @@ class LocalEngine:
     @property
     def ready(self) -> tuple[bool, str]:
         return True, ""
+
+    async def wait_ready_changed(self) -> None:
+        await trio.sleep_forever()  # always ready
 
     async def run(
         self,

@@ -2,8 +2,9 @@
 processors (``ctx.kv(name)``) read and write.
 
 Keys are strings or integers; values are declared records or plain msgpack values (None,
-bools, numbers, strings, bytes, lists, dicts, datetimes), never pickles. A value is stored
-encoded, so what a reader gets is a copy of what was written, never the writer's object.
+bools, numbers, strings, bytes, lists, dicts, datetimes with a timezone), never pickles. A
+value is stored encoded, so what a reader gets is a copy of what was written, never the
+writer's object.
 
 Without a path the maps live in memory. With ``[kv] path``, they live in a SQLite file (WAL
 mode): a write is in the file when its call returns, so it survives a restart and a
@@ -20,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from mzconnector import Answer, KvRequest, RecordCodec
+from mzconnector import Answer, KvRequest, RecordCodec, naive_datetime
 
 Key = str | int
 _encoder = msgspec.msgpack.Encoder()
@@ -97,12 +98,19 @@ class KvBackend:
     def _value(self, value: Any) -> tuple[str, bytes]:
         kind = self._codec.by_class.get(type(value), "")
         try:
-            return kind, self._encoder.encode(value)
+            encoded = self._encoder.encode(value)
         except (TypeError, OverflowError, UnicodeEncodeError) as exc:
             raise KvError(
                 f"a map holds declared records and plain values (None, bool, int, float, str, "
                 f"bytes, list, dict, datetime); cannot store {type(value).__name__}: {exc}"
             ) from None
+        naive = None if kind else naive_datetime(value)
+        if naive is not None:
+            raise KvError(
+                f"cannot store this value{naive}: a datetime without a timezone would come back "
+                "as a string; give it one (tzinfo=datetime.timezone.utc)"
+            )
+        return kind, encoded
 
     def _checked(self, kind: str, value: bytes) -> tuple[str, bytes]:
         """A value a client sent, checked: a record of its declared type, or plain data."""

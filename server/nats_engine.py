@@ -179,6 +179,13 @@ class NatsRouteTable(RouteTable):
         if first:
             self._engine.start_tap(route)
 
+    async def tap_ready(self, route: str) -> None:
+        # The tap's consumer takes what is published after it exists: wait for it, so that a
+        # client told "subscribed" misses nothing sent after.
+        ready = self._engine.tap_ready.get(route)
+        if ready is not None:
+            await ready.wait()
+
     def remove_tap(self, route: str, tap: Any) -> None:
         super().remove_tap(route, tap)
         if route not in self.taps:
@@ -196,6 +203,7 @@ class NatsRouteTable(RouteTable):
     ) -> None:
         if route not in self._known:
             raise UnknownRoute(route)
+        self.count(route, records)
         engine = self._engine
         to_connector = route in self._input
         if to_connector:
@@ -377,9 +385,12 @@ class NatsEngine:
         self._replies_for: dict[tuple[int, int], QueryCall] = {}  # (connection, id) -> call
         self._remote_calls: dict[tuple[str, int, int], RemoteQueryCall] = {}
         self._taps: dict[str, trio.CancelScope] = {}
+        self.tap_ready: dict[str, trio.Event] = {}  # per tapped route: its consumer exists
         self._consuming = trio.CancelScope()
         self._totals: dict[str, dict[str, Any]] = {}  # instance -> its last MIM values
         self._connected = True
+        self._ready_changed = trio.Event()
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closing = False
         self.max_payload = 1 << 20
         self._record_types = frozenset(config.codec.types.values())
@@ -392,16 +403,19 @@ class NatsEngine:
 
     # -- opening --------------------------------------------------------------------------
     async def open(self) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
         await self.bridge.run(self._open)
 
     async def _open(self) -> None:
         async def disconnected() -> None:
             self._connected = False
+            self._wake_ready_waiters()
             if not self._closing:
                 log.warning("lost the connection to NATS: records wait until it is back")
 
         async def reconnected() -> None:
             self._connected = True
+            self._wake_ready_waiters()
             log.warning("connected to NATS again")
 
         async def error(exc: Exception) -> None:
@@ -493,6 +507,20 @@ class NatsEngine:
         if not self._connected:
             return False, f"NATS at {', '.join(self.urls)} is unreachable"
         return True, ""
+
+    async def wait_ready_changed(self) -> None:
+        await self._ready_changed.wait()
+
+    def _wake_ready_waiters(self) -> None:
+        """From the asyncio thread: wake what waits in ``wait_ready_changed``."""
+
+        def wake() -> None:
+            self._ready_changed.set()
+            self._ready_changed = trio.Event()
+
+        if self._trio_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._trio_token.run_sync_soon(wake)
 
     def spawn(self, function: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._nursery is not None
@@ -839,27 +867,25 @@ class NatsEngine:
     def start_tap(self, route: str) -> None:
         scope = trio.CancelScope()
         self._taps[route] = scope
-        self.spawn(self._tap, route, scope)
+        self.tap_ready[route] = ready = trio.Event()
+        self.spawn(self._tap, route, scope, ready)
 
     def stop_tap(self, route: str) -> None:
+        ready = self.tap_ready.pop(route, None)
+        if ready is not None:
+            ready.set()  # nobody waits for a tap that is gone
         scope = self._taps.pop(route, None)
         if scope is not None:
             scope.cancel()
 
-    async def _tap(self, route: str, scope: trio.CancelScope) -> None:
+    async def _tap(self, route: str, scope: trio.CancelScope, ready: trio.Event) -> None:
         """Copies of what flows on a route between processors, for the taps on it."""
         name = f"t_{self.instance}_{route}"
         with scope:
-            await self.bridge.run(
-                self._consumer,
-                ConsumerConfig(
-                    durable_name=name,
-                    filter_subject=f"{self.stream}.r.{route}",
-                    deliver_policy=DeliverPolicy.NEW,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=60.0,
-                ),
-            )
+            try:
+                await self._create_tap(name, route)
+            finally:
+                ready.set()  # made, or failed (logged): a subscriber waits no longer
             subscription = await self._subscription(name)
             try:
                 while True:
@@ -871,6 +897,18 @@ class NatsEngine:
             finally:
                 with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await self.bridge.run(self.js.delete_consumer, self.stream, name)
+
+    async def _create_tap(self, name: str, route: str) -> None:
+        await self.bridge.run(
+            self._consumer,
+            ConsumerConfig(
+                durable_name=name,
+                filter_subject=f"{self.stream}.r.{route}",
+                deliver_policy=DeliverPolicy.NEW,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=60.0,
+            ),
+        )
 
     # -- connection control from a worker -------------------------------------------------
     def remote_control(self) -> ConnectionControl:

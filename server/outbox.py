@@ -61,6 +61,7 @@ class Outbox:
         self._farewell: Message | None = None
         self.dropped = 0
         self._dropped_reported = 0
+        self.records_out = 0  # records written to this client
 
     # -- queueing ---------------------------------------------------------------------------
     async def put_message(self, message: Message) -> None:
@@ -116,6 +117,7 @@ class Outbox:
             self._counters.bytes_out += sent
             if sent == len(data):
                 self._counters.records_out += count
+                self.records_out += count
                 return None
             frames = [memoryview(data)[sent:]]  # type: ignore[list-item]
         self._unsent += 1  # from here on nothing may overtake these records
@@ -176,6 +178,7 @@ class Outbox:
                 parts, size, records, taken = self._coalesce(payload, count)
                 await self._write(parts[0] if len(parts) == 1 else b"".join(parts))
                 self._counters.records_out += records
+                self.records_out += records
                 records = 0
                 self._counters.bytes_out += size
                 if self.dropped > self._dropped_reported and self._protocol.may_send(Notice):

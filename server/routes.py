@@ -35,6 +35,17 @@ class UnknownRoute(LookupError):
     pass
 
 
+class RouteStats:
+    """What went through one route: plain counters, bumped once per batch."""
+
+    __slots__ = ("batches", "queued", "records")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.batches = 0
+        self.queued = 0  # batches in its processor's inbox, not yet processed
+
+
 class InFlight:
     """How many batches are in processors' inboxes or being processed."""
 
@@ -65,6 +76,7 @@ class RouteTable:
         self._targets: dict[str, Target] = {}
         self.processes: dict[str, Target] = {}
         self.in_flight = InFlight()
+        self.stats: dict[str, RouteStats] = {}
         #: Route -> what taps it (objects with ``offer(records)``, which never block): each
         #: batch on the route is offered to them before its consumer takes it.
         self.taps: dict[str, list[Any]] = {}
@@ -83,11 +95,23 @@ class RouteTable:
         if route in self._targets:
             raise ValueError(f"route {route!r} already has a consumer")
         self._targets[route] = target
+        self.stats[route] = RouteStats()
         self.processes[route] = process or target
+
+    def count(self, route: str, records: list[Any]) -> None:
+        """One batch of ``records`` sent on ``route``, in its statistics."""
+        stats = self.stats.get(route)
+        if stats is None:
+            stats = self.stats[route] = RouteStats()
+        stats.records += len(records)
+        stats.batches += 1
 
     def add_tap(self, route: str, tap: Any) -> None:
         """From now on, offer each batch on ``route`` to ``tap`` too."""
         self.taps.setdefault(route, []).append(tap)
+
+    async def tap_ready(self, route: str) -> None:
+        """Returns once a tap added on ``route`` sees every batch sent from now on."""
 
     def remove_tap(self, route: str, tap: Any) -> None:
         taps = self.taps.get(route, [])
@@ -113,6 +137,7 @@ class RouteTable:
             target = self._targets[route]
         except KeyError:
             raise UnknownRoute(route) from None
+        self.count(route, records)
         if self.taps:
             for tap in self.taps.get(route, ()):
                 tap.offer(records)

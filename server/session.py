@@ -3,6 +3,13 @@
 The reader turns frames into protocol events and typed batches onto routes; the writer empties
 the connection's bounded outbox onto the socket. Whatever goes wrong with one connection
 closes that one only.
+
+Admission, in order: the protocol version, a server not shutting down, metadata not nested too
+deeply, the token (``[connector.auth]``), the client's session (a new connection of a session
+still open here supersedes the old one, whose link is taken for half-dead), the connection
+limit, and last the workflow (connection control). Records a client numbers in its session
+are taken once: one it resends after a reconnection, numbered at or below what the session
+has taken, is dropped (and acknowledged).
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from mzconnector import (
     Flush,
     GetMim,
     Hello,
+    Keepalive,
     KvRequest,
     Message,
     Mim,
+    Ping,
+    Pong,
     Protocol,
     Query,
     QueryFailed,
@@ -46,14 +56,17 @@ from mzconnector import (
     SubAck,
     Subscribe,
     SubscriptionControl,
+    batch_length,
 )
 
+from .auth import AUTH_FAILED
 from .connections import ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .kv import kv_answer
 from .matcher import MatcherError
 from .outbox import Outbox
 from .queries import QueryCall
 from .routes import OutputRoutes
+from .sessions import Session
 from .subscriptions import Subscription, SubscriptionError
 
 if TYPE_CHECKING:
@@ -144,8 +157,21 @@ class ServerConnection:
         self._decided = trio.Event()
         self._decision: tuple[bool, str] | None = None
         self._awaiting_decision = False
-        self._taken = 0
+        # The client's session: how far its numbered records were taken (a session of its own
+        # for a client that names none), and whether the server knew it when it connected.
+        self.session = Session(("", ""))
+        self._in_table = False
+        self._session_known = False
         self._acked = 0
+        self.user = ""  # the name of the client's token ("" for the shared one, or none)
+        self._client_keepalive = 0.0
+        # For the keepalive: what arrived, and whether the reader waits for more (a reader
+        # held back by a full route is busy, not idle).
+        self.bytes_received = 0
+        self._receiving = False
+        self._dropped: str | None = None  # why the server ended it (keepalive, superseded)
+        self.ended = trio.Event()
+        self.records_in = 0  # records taken from this client (refused ones not counted)
         self.client_id = ""
         self._tasks: trio.Nursery | None = None
         self._queries: dict[int, QueryCall] = {}
@@ -160,6 +186,29 @@ class ServerConnection:
     def abort(self) -> None:
         self.stop_reading()
         self._guard.cancel()
+
+    async def supersede(self, by: str) -> None:
+        """A newer connection of this client's session takes over (this one's link is taken
+        for half-dead): stop taking records (a chunk being taken is taken whole, so that the
+        session says exactly how far it got), close, and return once this connection has
+        ended, or after the handshake timeout (twice) at most."""
+        bound = self.settings.handshake_timeout
+        await self._drop(f"superseded by {by}, a new connection of the same client session")
+        with trio.move_on_after(bound):
+            await self.reader_done.wait()
+        if not self.reader_done.is_set():
+            log.warning("%s: still taking records after %s s; cut short", self.name, bound)
+            self.abort()
+        with trio.move_on_after(bound):
+            await self.ended.wait()
+
+    async def _drop(self, reason: str) -> None:
+        """End the connection from the server's side without a farewell: the peer is gone or
+        replaced. Closing the stream also ends a write stuck on a peer that reads nothing."""
+        if self._dropped is None:
+            self._dropped = reason
+        self.stop_reading()
+        await trio.aclose_forcefully(self.stream)
 
     def decide(self, accept: bool, reason: str = "") -> None:
         """Connection control: the workflow's answer to this connection's request."""
@@ -192,13 +241,19 @@ class ServerConnection:
         finally:
             if self._holds_slot:
                 self.connector.limiter.release_on_behalf_of(self)
+            if self._in_table:
+                self.connector.sessions.detach(self.session, self)
+            self.ended.set()
 
     async def _open(self) -> bool:
         """Handshake, limits, connection control; True once the client is welcomed."""
         hello = await self._handshake()
         if hello is None:
             return False
-        refusal = self._admit(hello)
+        refusal = self._check(hello)
+        if refusal is None:
+            await self._take_session(hello)
+            refusal = self._admit()
         if refusal is None:
             self.info = ConnectionInfo(
                 id=self.id,
@@ -207,9 +262,11 @@ class ServerConnection:
                 metadata=hello.metadata,
                 tls_subject=_tls_subject(self.stream),
                 connected_at=datetime.datetime.now(datetime.timezone.utc),
+                user=self.user,
                 server=self.connector.engine.instance,
             )
             self.client_id = hello.client_id
+            self._client_keepalive = hello.keepalive
             if self.settings.connection_control:
                 refusal = await self._ask_workflow()
         if refusal is not None:
@@ -255,8 +312,18 @@ class ServerConnection:
         # The Welcome passes the protocol as the connection is registered, with nothing in
         # between: the table then keeps every broadcast from overtaking it.
         self.connector.opened(self)
-        welcome = self.protocol.send(self.connector.welcome(connection_id=self.id))
-        self.outbox.put_bytes_nowait(welcome)
+        settings = self.settings
+        keepalive = 0.0
+        if self._client_keepalive > 0 and settings.keepalive > 0 and settings.keepalive_misses:
+            keepalive = settings.keepalive  # only for a client that pings and answers pings
+        session = self.session
+        self._acked = session.taken
+        welcome = self.connector.welcome(
+            connection_id=self.id,
+            resumed=session.taken if self._session_known else -1,
+            keepalive=keepalive,
+        )
+        self.outbox.put_bytes_nowait(self.protocol.send(welcome))
         counters.connections_accepted += 1
         counters.connections_open += 1
         log.info("%s (%s) open", self.name, self.info.name or "unnamed")
@@ -270,11 +337,15 @@ class ServerConnection:
                     # replies that wait for room in the outbox.
                     async with trio.open_nursery() as tasks:
                         self._tasks = tasks
+                        if keepalive:
+                            tasks.start_soon(self._keepalive, keepalive, settings.keepalive_misses)
                         try:
                             reason, farewell = await self._read_loop()
+                            if self._dropped is not None:
+                                reason, farewell = self._dropped, None
                             self.reader_done.set()
                             await self._tell_workflow_ended(reason)
-                            if self._reading.cancelled_caught:
+                            if self._reading.cancelled_caught and self._dropped is None:
                                 # The server is stopping: deliver what the workflow still makes.
                                 await self.connector.drained.wait()
                                 for sub in list(self._subs.values()):
@@ -328,7 +399,8 @@ class ServerConnection:
             await self._send_now(Error(f"no hello within {timeout} s"))
         return None
 
-    def _admit(self, hello: Hello) -> Refuse | None:
+    def _check(self, hello: Hello) -> Refuse | None:
+        """What the Hello alone decides: protocol, shutdown, metadata, the token."""
         connector = self.connector
         if hello.protocol != PROTOCOL_VERSION:
             return Refuse(
@@ -341,6 +413,32 @@ class ServerConnection:
         limit = self.settings.max_nesting
         if _nested_deeper_than(hello.metadata, limit):
             return Refuse("protocol", f"the metadata is nested more than {limit} levels deep")
+        auth = connector.config.auth
+        if auth is not None:
+            user = auth.user(hello.token)
+            if user is None:  # the same answer for a wrong token and a missing one
+                return Refuse("auth", AUTH_FAILED)
+            self.user = user
+        return None
+
+    async def _take_session(self, hello: Hello) -> None:
+        """Attach to the client's session; a connection of it still open here (its link
+        half-dead: the client has given up on it) is superseded first, so that the session
+        says exactly how far its records were taken before this one reads any."""
+        if not hello.session:
+            return
+        sessions = self.connector.sessions
+        self.session, previous, self._session_known = sessions.attach(
+            (self.user, hello.session), self
+        )
+        self._in_table = True
+        if previous is not None:
+            log.info("%s takes over the session of %s", self.name, previous.name)
+            await previous.supersede(self.name)
+
+    def _admit(self) -> Refuse | None:
+        """The connection limit."""
+        connector = self.connector
         try:
             connector.limiter.acquire_on_behalf_of_nowait(self)
             self._holds_slot = True
@@ -440,6 +538,8 @@ class ServerConnection:
         self._subs[event.id] = sub
         if not sub.tap:
             self._subscribed[sub.route] += 1
+        else:
+            await connector.routes.tap_ready(sub.route)
         await self.outbox.put_message(Answer(event.id))  # before any of its records
         self._spawn(sub.run)
 
@@ -471,6 +571,29 @@ class ServerConnection:
         for sub in list(self._subs.values()):
             self._unsubscribe(sub)
 
+    # -- keepalive ----------------------------------------------------------------------------
+    async def _keepalive(self, interval: float, misses: int) -> None:
+        """Ping a client that asked for it after ``interval`` idle seconds, and end its
+        connection after ``misses`` unanswered pings: a frozen or vanished client must not keep
+        its slot. Anything that arrives is an answer; a reader held back by a full route is
+        busy, not idle."""
+        state = Keepalive(interval, misses, trio.current_time())
+        seen = -1
+        while True:
+            await trio.sleep_until(state.deadline)
+            if self.bytes_received != seen or not self._receiving:
+                seen = self.bytes_received
+                state.heard()
+            ping = state.tick(trio.current_time())
+            if state.dead:
+                log.warning(
+                    "%s: no answer to %d pings, %s s apart; closing", self.name, misses, interval
+                )
+                await self._drop(f"no answer to {misses} pings, {interval} s apart")
+                return
+            if ping is not None and self.protocol.may_send(Ping):
+                self.outbox.put_message_nowait(ping)
+
     # -- reading ------------------------------------------------------------------------------
     async def _read_loop(self) -> tuple[str, Message | None]:
         """Take records until the client leaves; returns why the reading ended, and what to
@@ -494,10 +617,13 @@ class ServerConnection:
                     log.warning("%s: %s; closing", self.name, exc)
                     return f"protocol error: {exc}", Error(str(exc))
                 guard.shield = False
+                self._receiving = True
                 try:
                     data = await stream.receive_some(RECEIVE_SIZE)
                 except _LOST as exc:
                     return f"the connection was lost: {exc.__cause__ or exc}", None
+                self._receiving = False
+                self.bytes_received += len(data)
                 counters.bytes_in += len(data)
                 protocol.receive_data(data)
         return "the server is shutting down", Bye("the server is shutting down")
@@ -505,12 +631,12 @@ class ServerConnection:
     async def _on_event(self, event: Any) -> str | None:
         """Handle one event; why the client is done, or None."""
         if isinstance(event, Records):
-            await self._take(event.items)
+            await self._take(event.items, event.first)
         elif isinstance(event, Columns):
             await self._take_columns(event)
         elif isinstance(event, Flush):
-            self._acked = self._taken
-            await self.outbox.put_message(Ack(self._taken))
+            self._acked = taken = self.session.taken
+            await self.outbox.put_message(Ack(taken))
         elif isinstance(event, GetMim):
             await self.outbox.put_message(Mim(self.connector.engine.mim_snapshot()))
         elif isinstance(event, Query):
@@ -529,6 +655,8 @@ class ServerConnection:
                 sub.acknowledge(event.seq, event.through)
         elif isinstance(event, KvRequest):
             await self.outbox.put_message(await kv_answer(self.connector.kv, event))
+        elif isinstance(event, Ping):
+            await self.outbox.put_message(Pong(event.id))
         elif isinstance(event, (Bye, Closed)):
             return "the client closed the connection"
         elif isinstance(event, Error):
@@ -536,7 +664,31 @@ class ServerConnection:
             return f"the client reported an error: {event.message}"
         return None
 
-    async def _take(self, raw: msgspec.Raw) -> None:
+    def _numbered(self, first: int, length: int) -> tuple[int, int] | None:
+        """The number of a batch's first record (``first``, or for 0 what follows what was
+        taken) and how many of its first records were taken before (a resent batch); None
+        when all of them were."""
+        taken = self.session.taken
+        if not first:
+            return taken + 1, 0
+        skip = taken - first + 1
+        if skip <= 0:
+            return first, 0
+        if skip >= length:
+            log.debug("%s: a resent batch, every record taken before", self.name)
+            return None
+        log.debug("%s: a resent batch, its first %d records taken before", self.name, skip)
+        return first, skip
+
+    async def _take(self, raw: msgspec.Raw, first: int) -> None:
+        """Take a batch whose first record is number ``first`` of the client's session (0:
+        unnumbered, so it follows what was taken). Records numbered at or below what the
+        session has taken were taken before this resend: they are dropped."""
+        numbered = self._numbered(first, batch_length(raw))
+        if numbered is None:
+            return
+        first, skip = numbered
+        session = self.session
         connector = self.connector
         decoder = connector.batch_decoder
         errors: list[RecordError] = []
@@ -545,11 +697,14 @@ class ServerConnection:
             if decoder is None:
                 raise msgspec.ValidationError("this connector accepts nothing")
             records = decoder.decode(raw)
+            if skip:
+                records = records[skip:]
         except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 is the latter
-            records, errors, refused = await self._take_one_by_one(raw)
+            records, errors, refused = await self._take_one_by_one(raw, first, skip)
         counters = self.counters
         counters.records_in += len(records)
-        self._taken += len(records) + refused
+        session.taken = first - 1 + skip + len(records) + refused
+        self.records_in += len(records)
         if records:
             info = self.info
             send = connector.routes.send
@@ -563,52 +718,67 @@ class ServerConnection:
             counters.records_refused += refused
             log.warning("%s: refused %d record(s); first: %s", self.name, refused, errors[0])
             await self.outbox.put_message(Refused(errors, refused - len(errors)))
-        if self._taken - self._acked >= ACK_EVERY:
-            self._acked = self._taken
-            await self.outbox.put_message(Ack(self._taken))
+        if session.taken - self._acked >= ACK_EVERY:
+            self._acked = session.taken
+            await self.outbox.put_message(Ack(session.taken))
 
     async def _take_columns(self, event: Columns) -> None:
         """A column batch, checked against its declared type, goes to its route whole (a
         batch processor takes it as it is; an ordinary one makes records of it). Bad rows are
-        refused as bad records are, and the others are taken, as records."""
-        connector = self.connector
+        refused as bad records are, and the others are taken, as records. Rows are numbered
+        in the session as records are (a resent batch is taken once)."""
         rows = event.rows
+        numbered = self._numbered(event.first, rows)
+        if numbered is None:
+            return
+        first, skip = numbered
+        connector = self.connector
         errors: list[RecordError] = []
         refused = 0
         items: ColumnBatch | list[Any] = []
         try:
             batch, bad = ColumnBatch.decode(event, connector.config.codec.types, connector.accepted)
         except FieldMismatch as exc:  # no row can be taken: the first describes them all
-            refused = rows
-            if rows:
-                errors.append(RecordError(self._taken, exc.type, exc.field, exc.problem))
+            refused = rows - skip
+            if refused:
+                errors.append(RecordError(first - 1 + skip, exc.type, exc.field, exc.problem))
         else:
             items = batch
-            if bad:
+            bad = [entry for entry in bad if entry[0] >= skip]
+            if skip and not bad:
+                items = batch.slice(skip, rows)
+            elif bad:
                 refused = len(bad)
                 name = batch.type_name
                 errors = [
-                    RecordError(self._taken + row, name, field or None, problem)
+                    RecordError(first - 1 + row, name, field or None, problem)
                     for row, field, problem in bad[:REFUSALS_DESCRIBED]
                 ]
-                items = batch.records(skip=[row for row, _, _ in bad])
+                items = batch.records(skip=[*range(skip), *(row for row, _, _ in bad)])
+        session = self.session
         counters = self.counters
-        counters.records_in += rows - refused
-        self._taken += rows
-        if rows - refused:
+        taken = rows - skip - refused
+        counters.records_in += taken
+        session.taken = first - 1 + rows
+        self.records_in += taken
+        if taken:
             route = self.output_routes.single or self.output_routes.by_type[batch.record_type]
             await connector.routes.send(route, items, self.info)
         if refused:
             counters.records_refused += refused
             log.warning("%s: refused %d row(s); first: %s", self.name, refused, errors[0])
             await self.outbox.put_message(Refused(errors, refused - len(errors)))
-        if self._taken - self._acked >= ACK_EVERY:
-            self._acked = self._taken
-            await self.outbox.put_message(Ack(self._taken))
+        if session.taken - self._acked >= ACK_EVERY:
+            self._acked = session.taken
+            await self.outbox.put_message(Ack(session.taken))
 
-    async def _take_one_by_one(self, raw: msgspec.Raw) -> tuple[list[Any], list[RecordError], int]:
+    async def _take_one_by_one(
+        self, raw: msgspec.Raw, first: int, skip: int
+    ) -> tuple[list[Any], list[RecordError], int]:
         """The slow path, for a batch with a bad record: keep the good ones, describe the
-        first bad ones, count the rest. Other connections run between every few records."""
+        first bad ones, count the rest. Other connections run between every few records.
+        The first ``skip`` were taken before; an error names a record by its position in the
+        session (from 0)."""
         connector = self.connector
         items = _raw_items.decode(raw)  # the protocol checked it is an array
         records: list[Any] = []
@@ -617,6 +787,8 @@ class ServerConnection:
         decoder = connector.item_decoder
         codec = connector.config.codec
         for i, item in enumerate(items):
+            if i < skip:
+                continue
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 await trio.lowlevel.checkpoint()
             try:
@@ -627,5 +799,5 @@ class ServerConnection:
                 refused += 1
                 if len(errors) < REFUSALS_DESCRIBED:
                     type_name, field, problem = codec.explain(item, connector.accepted)
-                    errors.append(RecordError(self._taken + i, type_name, field, problem))
+                    errors.append(RecordError(first - 1 + i, type_name, field, problem))
         return records, errors, refused

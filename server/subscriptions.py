@@ -70,6 +70,7 @@ class Durable:
         self._latest: dict[Any, Any] = {}  # last-value: key value -> newest record
         self.attached: list[Subscription] = []
         self.dropped = 0
+        self._untold = 0  # dropped and not yet told a client (with its next delivery)
 
     def __repr__(self) -> str:
         whose = f" of client {self.owner!r}" if self.owner else ""
@@ -98,6 +99,7 @@ class Durable:
                 self._queue.popleft()
         if excess > 0:
             self.dropped += excess
+            self._untold += excess
             self._counters.undeliverable += excess
             log.warning("%r holds %d records: dropped the %d oldest", self, self._limit, excess)
         for sub in self.attached:
@@ -112,6 +114,11 @@ class Durable:
             keys = list(self._latest)[:limit]
             return [self._latest.pop(k) for k in keys]
         return [self._queue.popleft() for _ in range(min(limit, len(self._queue)))]
+
+    def take_dropped(self) -> int:
+        """How many it dropped since it last told a client (who is told now)."""
+        dropped, self._untold = self._untold, 0
+        return dropped
 
     def give_back(self, records: Iterable[Any]) -> None:
         """Records delivered and never acknowledged: first in line for the next delivery."""
@@ -309,6 +316,8 @@ class Subscription:
                 if self.ack != "none":
                     self._pending.update(zip(range(first, first + len(kept)), kept))
                 dropped, self._dropped = self._dropped, 0
+                if self.durable is not None:
+                    dropped += self.durable.take_dropped()
                 busy = time.perf_counter() - started
                 await self._outbox.put_message(SubRecords(self.id, first, items, dropped))
                 self._counters.records_out += len(kept)

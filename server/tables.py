@@ -18,10 +18,13 @@ import msgspec.inspect as mi
 
 from mzconnector import DEFAULT_MAX_FRAME_SIZE
 
+from .auth import Secret
 from .errors import ConfigError
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
 class TlsTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -32,6 +35,22 @@ class TlsTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     keyfile: str = ""
     cafile: str = ""
     require_client_auth: bool = False
+
+
+class AuthTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[connector.auth]``: one shared ``token``, and/or named ``tokens`` (name -> token). The
+    tokens are ``Secret``s: a printed configuration never shows them."""
+
+    token: Secret | None = None
+    tokens: dict[str, Secret] = {}
+
+
+class SessionMemoryTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[connector.session_memory]``: how long (after its last connection ended) and how many
+    client sessions the server remembers, to take a resent record once."""
+
+    seconds: SecondsOrOff = 600.0
+    sessions: Annotated[int, msgspec.Meta(ge=0)] = 10000
 
 
 class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -58,10 +77,27 @@ class ConnectorTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     outbox_size: Count = 64
     delivery_timeout: Seconds = 5.0
     shutdown_timeout: Seconds = 10.0
+    # A plain TCP port open while the server is ready (Kubernetes TCP probes); None: none.
+    tcp_probe_port: Port | None = None
     # Conversations: internal routes clients may tap; records a subscription holds at most.
     tap_routes: list[str] = []
     durable_limit: Count = 100000
+    # Staying connected: ping a client that asked for it (Hello.keepalive) after this many idle
+    # seconds, and end its connection after this many pings unanswered (0 in either: off).
+    keepalive: SecondsOrOff = 15.0
+    keepalive_misses: Annotated[int, msgspec.Meta(ge=0)] = 3
+    session_memory: SessionMemoryTable = SessionMemoryTable()
     tls: TlsTable = TlsTable()
+    auth: AuthTable = AuthTable()
+
+
+class HttpTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``[http]``: /healthz, /readyz, /metrics and the status page. No port: no listener."""
+
+    host: str = "127.0.0.1"
+    port: Port | None = None
+    # A Bearer token (or Basic password) for everything but /healthz and /readyz; "": none.
+    token: str = ""
 
 
 class WorkflowTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -110,6 +146,7 @@ class EngineTable(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     workflow: WorkflowTable = WorkflowTable()
     connector: ConnectorTable = ConnectorTable()
+    http: HttpTable = HttpTable()
     api: ApiTable = ApiTable()
     mim: dict[str, str] = {}
     types: dict[str, dict[str, str]] = {}
@@ -144,6 +181,10 @@ def convert_table(data: Any, kind: type[S], source: str, key: str = "") -> S:
 
 def _convert(value: Any, kind: Any, source: str, key: str) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Secret or args == (Secret, type(None)):
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {_found_secret(value)}")
+        return Secret(value)
     if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
         return convert_table(value, kind, source, key)
     if origin is list and isinstance(value, list):
@@ -163,6 +204,9 @@ def _join(key: str, name: str) -> str:
 
 def _expected(info: mi.Type) -> str:
     """A TOML type in words: ``an integer from 0 to 65535``, ``a list of strings``."""
+    if isinstance(info, mi.UnionType):  # ``T | None``: TOML has no None, so a T
+        kinds = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        return _expected(kinds[0]) if len(kinds) == 1 else "a value of another type"
     if isinstance(info, mi.IntType):
         low = info.ge if info.ge is not None else (info.gt + 1 if info.gt is not None else None)
         high = info.le if info.le is not None else (info.lt - 1 if info.lt is not None else None)
@@ -196,6 +240,17 @@ def _plural(info: mi.Type) -> str:
     return {mi.StrType: "strings", mi.IntType: "integers", mi.BoolType: "booleans"}.get(
         type(info), "values"
     )
+
+
+def _found_secret(value: Any) -> str:
+    """A value where a token belongs, described without showing it."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a number"}.get(type(value), "a date or time")
 
 
 def _found(value: Any) -> str:

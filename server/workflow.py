@@ -34,6 +34,7 @@ from mzconnector import (
 from .config import Config, Processor
 from .connections import ConnectionControl, ConnectionEnded, ConnectionInfo, ConnectionRequest
 from .errors import RouteError
+from .health import Health
 from .kv import KvBackend, KvMap
 from .mim import AssignedMims, MimTable
 from .queries import QueryCall
@@ -61,6 +62,7 @@ class ProcessorContext:
     ``ctx.kv(name)`` is a shared key-value map.
     For a batch processor: ``ctx.route_many(route, records)``, ``ctx.route_frame(route, df)``
     and ``ctx.frame_type`` (the record type of the DataFrame being processed).
+    ``ctx.set_unhealthy(reason)`` / ``ctx.set_healthy()``: readiness (``/readyz``).
     """
 
     __slots__ = (
@@ -68,6 +70,7 @@ class ProcessorContext:
         "_control",
         "_framed",
         "_full",
+        "_health",
         "_kv",
         "_light",
         "_max_frame_size",
@@ -95,12 +98,14 @@ class ProcessorContext:
         control: ConnectionControl,
         udrs: Namespace,
         kv: KvBackend,
+        health: Health | None = None,
         max_frame_size: int = 1 << 24,
     ) -> None:
         self._control = control
         self._max_frame_size = max_frame_size
         self._kv = kv
         self._query: QueryCall | None = None
+        self._health = health if health is not None else Health()
         # Records of declared types are weighed by count alone: light enough.
         self._light = frozenset(udrs[name] for name in udrs)
         self.udrs = udrs
@@ -276,6 +281,17 @@ class ProcessorContext:
         """The open connections."""
         return self._control.connections_info()
 
+    # -- readiness --------------------------------------------------------------------------
+    def set_unhealthy(self, reason: str) -> None:
+        """Declare the workflow unhealthy: the server is not ready (``/readyz`` answers 503
+        with ``reason``, the TCP probe port closes) until this processor calls
+        ``set_healthy()``."""
+        self._health.declare_unhealthy(self.processor, str(reason))
+
+    def set_healthy(self) -> None:
+        """Take back this processor's ``set_unhealthy``."""
+        self._health.declare_healthy(self.processor)
+
     def _take_output(self) -> tuple[dict[tuple[str, int | None], list[Any]], set[Any]]:
         out, self._out = self._out, {}
         framed, self._framed = self._framed, set()
@@ -324,6 +340,19 @@ def _id(connection: ConnectionInfo | ConnectionRequest | ConnectionEnded | int) 
     return connection if isinstance(connection, int) else connection.id
 
 
+class ProcessorStats:
+    """What one processor did: plain counters, bumped once per batch (busy time is measured
+    with ``trio.current_time()`` around a batch, never per record)."""
+
+    __slots__ = ("batches", "busy", "errors", "records")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.batches = 0
+        self.errors = 0  # records on which it raised
+        self.busy = 0.0  # seconds spent on batches (including waits for room downstream)
+
+
 class ProcessorRunner:
     """Runs one processor, one batch at a time, in arrival order.
 
@@ -340,6 +369,7 @@ class ProcessorRunner:
         self.ctx = ctx
         self.routes = workflow.routes
         self.counters = workflow.mim.counters
+        self.stats = ProcessorStats()
         self._lock = trio.Lock()
         self._queued = 0
         self._send, self._inbox = trio.open_memory_channel[Batch](buffer)
@@ -361,12 +391,15 @@ class ProcessorRunner:
                     self._lock.release()
                 return
         in_flight = self.routes.in_flight
+        route_stats = self.routes.stats[batch.route]
         self._queued += 1
+        route_stats.queued += 1
         in_flight.add()
         try:
             await self._send.send(batch)
         except BaseException:
             self._queued -= 1
+            route_stats.queued -= 1
             in_flight.done()
             raise
 
@@ -380,6 +413,7 @@ class ProcessorRunner:
         async for batch in self._inbox:
             async with self._lock:
                 self._queued -= 1
+                self.routes.stats[batch.route].queued -= 1
                 try:
                     await self._process(batch)
                 finally:
@@ -387,16 +421,27 @@ class ProcessorRunner:
 
     async def _process(self, batch: Batch) -> None:
         ctx = self.ctx
-        function = self.processor.function
         ctx.route_name = batch.route
         ctx.connection = batch.origin
         ctx._target = batch.connection
+        started = trio.current_time()
         if batch.query is not None:
             await self._answer(batch)
             return
         if self.processor.batch:
             await self._process_batch(batch)
-            return
+        else:
+            await self._process_records(batch)
+        stats = self.stats
+        stats.records += len(batch.records)
+        stats.batches += 1
+        stats.busy += trio.current_time() - started
+        await self._hand_on(batch)
+
+    async def _process_records(self, batch: Batch) -> None:
+        """An ordinary processor: one call per record (an error counts per record)."""
+        ctx = self.ctx
+        function = self.processor.function
         records = batch.records
         if type(records) is ColumnBatch:
             records = records.records()
@@ -416,7 +461,6 @@ class ProcessorRunner:
                     self._failed(batch, record, exc)
                 if ctx._full:
                     await self._hand_on(batch)
-        await self._hand_on(batch)
 
     async def _process_batch(self, batch: Batch) -> None:
         """A batch processor: one call with the batch (a list of records, or for
@@ -441,7 +485,6 @@ class ProcessorRunner:
                     self._failed_batch(batch, argument, exc)
         finally:
             ctx.frame_type = None
-        await self._hand_on(batch)
 
     def _frames(self, batch: Batch) -> list[tuple[str, Any]]:
         """A frame processor's calls for a batch: (type name, DataFrame) for a column batch,
@@ -460,6 +503,7 @@ class ProcessorRunner:
                 others += sum(1 for _ in group)
         if others:
             self.counters.processor_errors += 1
+            self.stats.errors += 1
             log.error(
                 "processor %r takes DataFrames of records: %d item(s) on route %r that are not "
                 "records (bytes, other objects) were left out",
@@ -509,6 +553,7 @@ class ProcessorRunner:
 
     def _failed_batch(self, batch: Batch, argument: Any, exc: Exception) -> None:
         self.counters.processor_errors += 1
+        self.stats.errors += 1
         if isinstance(argument, list):
             shown = f"{len(argument)} record(s), the first: {argument[:3]!r}"
         else:
@@ -525,6 +570,7 @@ class ProcessorRunner:
 
     def _failed(self, batch: Batch, record: Any, exc: Exception) -> None:
         self.counters.processor_errors += 1
+        self.stats.errors += 1
         log.error(
             "processor %r failed on a record from route %r: %s: %s; record: %.300r",
             self.processor.name,
@@ -548,11 +594,13 @@ class Workflow:
         kv: KvBackend,
         *,
         only: Collection[str] | None = None,
+        health: Health | None = None,
     ) -> None:
         """``only``: the names of the processors this process runs (None: every one)."""
         self.config = config
         self.routes = routes
         self.mim = mim
+        self.health = health if health is not None else Health()
         self.runners: list[ProcessorRunner] = []
         udrs = Namespace("record types", config.codec.types)
         for processor in config.processors:
@@ -566,6 +614,7 @@ class Workflow:
                 control,
                 udrs,
                 kv,
+                self.health,
                 config.connector.max_frame_size,
             )
             runner = ProcessorRunner(processor, ctx, self, config.connector.route_buffer)

@@ -268,3 +268,20 @@ def test_the_reader_never_waits_for_the_send_lock(echo_server: ServerProcess, ev
         conn._mim_replies.clear()
         conn.dropped = 0
         assert conn.mim()["Workflow Name"] == "echo"
+
+
+def test_a_connection_never_closed_gives_its_sockets_back_when_collected(
+    echo_server: ServerProcess,
+) -> None:
+    """A notebook that drops a connection without close() (its server gone, a cell re-run)
+    leaks no socket: collecting it closes them, and no ResourceWarning fires at some later,
+    unrelated moment."""
+    import gc
+
+    conn = mzconnector.connect(echo_server.host, echo_server.port)
+    conn._mark_closed("the test let go of it")  # as a lost server leaves it: reader ended
+    conn._reader.join(10)
+    sockets = [conn._transport.sock, conn._turn.wake, conn._turn._wake_w]
+    del conn
+    gc.collect()
+    assert [s.fileno() for s in sockets] == [-1, -1, -1]

@@ -3,6 +3,7 @@ server process and the real client."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 import sys
@@ -339,6 +340,55 @@ def test_tls_errors(
     ) as conn:
         conn.submit(sub(conn, "still here"))
         assert conn.receive(timeout=5).msisdn == "still here"
+
+
+def test_tls_server_hostname_and_the_system_trust_store(
+    start_server: Callable[..., ServerProcess],
+    tmp_path: Path,
+    tls_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server reached by IP whose certificate names "localhost": ``server_hostname`` says
+    which name to check. ``tls=True`` without ``cafile`` trusts the system's store: a CA
+    outside it fails verification, and the same CA put in the store (SSL_CERT_FILE, which
+    OpenSSL reads for the default paths) is trusted."""
+    server = start_server(str(write_config(tmp_path, tls=tls_table(tls_files))))
+    ca = str(tls_files["ca"])
+    with mzconnector.connect(
+        "127.0.0.1", server.port, tls=True, cafile=ca, server_hostname="localhost"
+    ) as conn:
+        assert conn.mim()["Workflow Name"] == "connections"
+
+    async def by_ip() -> str:
+        conn = await mzconnector.connect_async(
+            "127.0.0.1", server.port, tls=True, cafile=ca, server_hostname="localhost"
+        )
+        async with conn:
+            return str((await conn.mim())["Workflow Name"])
+
+    assert asyncio.run(by_ip()) == "connections"
+
+    def blocking() -> Any:
+        return mzconnector.connect("127.0.0.1", server.port, tls=True, cafile=ca)
+
+    def from_asyncio() -> Any:
+        return asyncio.run(mzconnector.connect_async("127.0.0.1", server.port, tls=True, cafile=ca))
+
+    for by_ip_unnamed in (blocking, from_asyncio):
+        with pytest.raises(mzconnector.ConnectError) as info:
+            by_ip_unnamed()
+        message = str(info.value)
+        assert "not valid for the host name you connected to" in message, message
+        assert "'127.0.0.1'" in message, message
+        assert "server_hostname=" in message, message  # what to do about it
+    with pytest.raises(mzconnector.ConnectError) as info:
+        mzconnector.connect("127.0.0.1", server.port, tls=True, server_hostname="localhost")
+    assert "the server's certificate cannot be verified" in str(info.value)
+    monkeypatch.setenv("SSL_CERT_FILE", ca)  # the system store, as OpenSSL finds it
+    with mzconnector.connect("127.0.0.1", server.port, tls=True, server_hostname="localhost"):
+        pass
+    with pytest.raises(ValueError, match="server_hostname= given with tls=False"):
+        mzconnector.connect("127.0.0.1", server.port, server_hostname="localhost")
 
 
 def test_tls_client_certificates(

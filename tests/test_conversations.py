@@ -126,7 +126,7 @@ def test_query_schemas_are_enforced_at_both_ends(server: ServerProcess) -> None:
         request = msgspec.Raw(msgspec.msgpack.encode(["Question", 5, 1]))
         conn._send_message(mzconnector.Query(999, "ask", request))
         with pytest.raises(mzconnector.QueryError) as info:
-            list(conn._replies(call, 5))
+            list(conn._replies(call, time.monotonic() + 5, 5))
         assert info.value.code == "bad-request"
         assert info.value.message == (
             "the request does not match Question.topic: expected str, got int 5"

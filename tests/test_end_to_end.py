@@ -123,6 +123,57 @@ def test_a_folder_of_the_users_own_names_does_not_shadow_the_server(tmp_path: Pa
         assert server.stop()[0] == 0
 
 
+def test_the_console_script_runs_from_any_folder_and_takes_host(tmp_path: Path) -> None:
+    (tmp_path / "server.py").write_text("raise SystemExit('the user s own server.py ran')\n")
+    script = Path(sys.executable).parent / "mzserver"
+    with subprocess.Popen(
+        [str(script), "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("mzserver: workflow 'echo' listening on 127.0.0.1:")
+            port = int(line.rsplit(":", 1)[1])
+            with mzconnector.connect("127.0.0.1", port, timeout=10) as conn:
+                assert conn.workflow == "echo"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+
+
+def test_a_second_ctrl_c_cuts_a_graceful_stop_short_with_exit_status_130() -> None:
+    """The README: 0 after a graceful stop, 130 when a second Ctrl-C cuts it short."""
+    server = ServerProcess(str(WORKFLOWS / "slow.toml"))
+    pusher = mzconnector.connect("127.0.0.1", server.port, timeout=60)
+    try:
+        # 50 ms a record: the graceful stop has seconds of work to finish.
+        pusher.submit_many(pusher.udrs.Subscriber(msisdn="x", balance=i) for i in range(400))
+        pusher._send_buffer()
+        with connect(server) as watcher:
+            deadline = time.monotonic() + 20
+            while watcher.mim()["Records In"] == 0:
+                assert time.monotonic() < deadline, "the records never arrived"
+        server.proc.send_signal(signal.SIGINT)
+        # The graceful stop has begun once the server takes no new connections.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                connect(server).close()
+            except mzconnector.ConnectError:
+                break
+            assert time.monotonic() < deadline, "the server still takes connections"
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(20) == 130
+    finally:
+        server.stop()
+        pusher.close(timeout=1)
+
+
 def test_default_port_is_7777() -> None:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 import mzconnector
@@ -433,10 +434,12 @@ def test_decode_checks_a_batch_against_its_type() -> None:
 
 def send_columns(conn: mzconnector.Connection, message: mzconnector.Columns) -> None:
     """What ``submit_frame`` sends, without its checks: as a client that does not check."""
-    frame = mzconnector.encode_frame(message)
     with conn._send_lock:
         conn._send_buffer()
-        conn._ledger.columns(message.rows, list(range(message.rows)))
+        ledger = conn._ledger
+        frame = mzconnector.encode_frame(msgspec.structs.replace(message, first=ledger.sent + 1))
+        ledger.sent += message.rows
+        ledger.unacked.append((ledger.sent, list(range(message.rows)), None))
         conn._protocol.send_columns([frame])
         conn._transport.send(frame)
 

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,16 @@ def push(conn: mzconnector.Connection, client: str, seqs: range) -> None:
     conn.flush()
 
 
+def two_connectors_and_a_worker(
+    tmp_path: Path, nats: NatsServer, start_server: StartServer
+) -> tuple[ServerProcess, ServerProcess]:
+    toml = nats_workflow(tmp_path, nats)
+    first = start_server(toml, "--role", "connector")
+    second = start_server(toml, "--role", "connector")
+    start_server(toml, "--role", "worker")
+    return first, second
+
+
 # -- the workflow over NATS -----------------------------------------------------------------------
 
 
@@ -185,10 +197,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(
 def test_two_connectors_route_back_to_their_own_clients(
     nats_server: NatsServer, start_server: StartServer, log: Log, tmp_path: Path
 ) -> None:
-    toml = nats_workflow(tmp_path, nats_server)
-    first = start_server(toml, "--role", "connector")
-    second = start_server(toml, "--role", "connector")
-    start_server(toml, "--role", "worker")
+    first, second = two_connectors_and_a_worker(tmp_path, nats_server, start_server)
     with connect(first) as a, connect(second) as b:
         for i in range(20):
             a.submit(b"to a %d" % i)
@@ -227,10 +236,7 @@ def test_nats_restarted_under_load_loses_nothing_acknowledged(
 def test_mim_values_are_totals_over_the_processes(
     nats_server: NatsServer, start_server: StartServer, log: Log, tmp_path: Path
 ) -> None:
-    toml = nats_workflow(tmp_path, nats_server)
-    first = start_server(toml, "--role", "connector")
-    second = start_server(toml, "--role", "connector")
-    start_server(toml, "--role", "worker")
+    first, second = two_connectors_and_a_worker(tmp_path, nats_server, start_server)
     with connect(first) as a, connect(second) as b:
         push(a, "m", range(300))
         push(b, "m", range(300, 500))
@@ -313,14 +319,21 @@ def test_connection_control_decided_by_a_worker(
     from tests.test_connections import write_config
 
     toml = write_config(tmp_path, control=True, connector="max_connections = 2")
-    toml.write_text(toml.read_text() + f'\n[engine]\nkind = "nats"\nurl = "{nats_server.url}"\n')
+    # A decision crosses NATS twice: allow more than the 1 s the in-process tests allow.
+    text = toml.read_text().replace(
+        "connection_request_timeout = 1.0", "connection_request_timeout = 15.0"
+    )
+    toml.write_text(text + f'\n[engine]\nkind = "nats"\nurl = "{nats_server.url}"\n')
     connector = start_server(str(toml), "--role", "connector")
     start_server(str(toml), "--role", "worker")
     with pytest.raises(mzconnector.ConnectionRejected) as rejected:
         connect(connector, name="mallory", metadata={"token": "guess"})
     assert rejected.value.reason == "bad token for mallory"
     with connect(connector, name="alice", metadata={"token": "secret"}) as alice:
-        request = wait_for(lambda: alice.mim()["Last Request"], "the request in the totals")
+        request = wait_for(
+            lambda: "|alice|" in (r := alice.mim()["Last Request"] or "") and r,
+            "alice's request in the totals",
+        )
         assert request.split("|")[:2] == [str(alice.connection_id), "alice"]
         alice.submit(alice.udrs.Subscriber(msisdn="x", balance=1))
         assert alice.receive(timeout=30).msisdn == "x"
@@ -399,3 +412,44 @@ def test_frames_and_batch_processors_over_nats(
             if type(record) is conn.udrs.Item:
                 items.append(record.i)
         assert items == list(range(n))
+
+
+# -- readiness over NATS -------------------------------------------------------------------------
+
+
+def _http(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _probe_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_not_ready_while_nats_is_away(
+    nats_server: NatsServer, start_server: StartServer, tmp_path: Path
+) -> None:
+    toml = nats_workflow(tmp_path, nats_server, tcp_probe_port=0)
+    connector = start_server(toml, "--role", "connector", "--http-port", "0")
+    assert connector.proc.stdout is not None
+    url = connector.proc.stdout.readline().split()[-1]  # "... status page and probes on URL"
+    probe = int(connector.proc.stdout.readline().split()[-1])  # "... TCP probe port N"
+    assert _http(url + "readyz") == (200, "ready\n")
+    assert _probe_open(probe)
+    metrics = _http(url + "metrics")[1]
+    assert 'engine="nats"' in metrics
+    assert 'role="connector"' in metrics
+    nats_server.stop()
+    _, text = wait_for(lambda: (answer := _http(url + "readyz"))[0] == 503 and answer, "not ready")
+    assert text == f"not ready: engine: NATS at {nats_server.url} is unreachable\n"
+    assert _http(url + "healthz")[0] == 200  # alive all the same
+    assert 'mzconnector_ready{workflow="rel_log"} 0.0' in _http(url + "metrics")[1]
+    wait_for(lambda: not _probe_open(probe), "the probe port closed")
+    nats_server.start()
+    wait_for(lambda: _http(url + "readyz")[0] == 200, "ready again")
+    wait_for(lambda: _probe_open(probe), "the probe port open again")

@@ -1,0 +1,1 @@
+"""The status page: its HTML, CSS and JavaScript, served by mzserver.http."""
