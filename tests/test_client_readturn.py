@@ -281,6 +281,7 @@ def test_a_connection_never_closed_gives_its_sockets_back_when_collected(
     conn = mzconnector.connect(echo_server.host, echo_server.port)
     conn._mark_closed("the test let go of it")  # as a lost server leaves it: reader ended
     conn._reader.join(10)
+    conn._flusher.join(10)  # (a thread that still runs holds the connection)
     sockets = [conn._transport.sock, conn._turn.wake, conn._turn._wake_w]
     del conn
     gc.collect()
