@@ -3006,6 +3006,7 @@ class _SubState:
 
 
 _NOTHING = object()  # what a key-value map holds under a key that is not there
+_ERRORS_FIRST = object()  # what receive() finds when refusals must be raised before a record
 
 
 #: What an awaited ``Answer`` becomes when the link it was awaited on is lost.
@@ -4136,23 +4137,29 @@ class Connection(_ClientBase):
         connection stays usable. Raises ``RecordRefused`` first if records were refused."""
         if self._errors:
             self._check()
-        if not self._inbox:
-            if self._buf:
-                with self._send_lock:
-                    self._send_buffer()
-            self._wait(
-                lambda: bool(self._inbox or self._errors),
-                timeout,
-                lambda: Timeout(f"receive: no record within {timeout} s"),
-            )
-            if self._errors:
-                self._check()
-        with self._cond:
-            record = self._inbox.popleft()
-            if type(record) is ColumnBatch:
-                record = self._expand(record)
-            if len(self._inbox) + self._chunk_rows + 1 >= self._max_buffered:
-                self._cond.notify_all()
+        if self._buf:
+            with self._send_lock:
+                self._send_buffer()
+        record = self._wait(
+            lambda: bool(self._inbox or self._errors),
+            timeout,
+            lambda: Timeout(f"receive: no record within {timeout} s"),
+            take=self._take_one,
+        )
+        if record is _ERRORS_FIRST:
+            self._check()
+        return record
+
+    def _take_one(self) -> Any:
+        """The first record of the inbox (``_ERRORS_FIRST`` when refusals are to be raised
+        first). Holds ``_cond``."""
+        if self._errors:
+            return _ERRORS_FIRST
+        record = self._inbox.popleft()
+        if type(record) is ColumnBatch:
+            record = self._expand(record)
+        if len(self._inbox) + self._chunk_rows + 1 >= self._max_buffered:
+            self._cond.notify_all()  # the background reader may wait for room
         return record
 
     def receive_many(
@@ -4358,46 +4365,54 @@ class Connection(_ClientBase):
         expired: Callable[[], MZConnectorError],
         *,
         waited: float | None = None,
-    ) -> None:
+        take: Callable[[], Any] | None = None,
+    ) -> Any:
         """Until ``ready()``: read the socket, or wait while another thread reads it (or
-        while the connection reconnects), and handle what arrives. Raises
+        while the connection reconnects), and handle what arrives; then return ``take()``
+        (called under the same hold of ``_cond`` as the last ``ready()``). Raises
         ``ConnectionClosed`` once the connection is gone, and what ``expired()`` returns after
         ``timeout`` seconds (None: no limit); while reconnecting then, a ``Timeout`` saying
-        so (after ``waited`` s: the call's whole timeout)."""
+        so (after ``waited`` s: the call's whole timeout).
+
+        This is a round trip's path: ``_cond`` is held throughout except while reading (and
+        sending what subscriptions owe), so a reply that arrives in one read costs three
+        holds of it (here before, here after, and the reader's hand-over of the records)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cond, turn = self._cond, self._turn
-        with cond:
-            turn.enter()
+        cond.acquire()
+        turn.enter()
         try:
             while True:
-                with cond:
-                    mine = False
-                    while not mine:
-                        if ready() or (self._closed is not None and self._errors):
-                            return
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if self._closed is not None or (remaining is not None and remaining <= 0):
-                            break
-                        mine = self._down is None and turn.acquire()
-                        if not mine:
-                            cond.wait(remaining)
-                    down = self._down
-                if not mine:  # (the ledger is not read under _cond)
-                    if self._closed is not None:
-                        raise self._closed_error()
-                    if down is not None:
-                        raise self._still_reconnecting(waited if waited is not None else timeout)
-                    raise expired()
-                try:
-                    self._read_once(remaining)
-                finally:
-                    with cond:
+                if ready() or (self._closed is not None and self._errors):
+                    return None if take is None else take()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if self._closed is not None or (remaining is not None and remaining <= 0):
+                    break
+                if self._down is None and turn.acquire():
+                    cond.release()
+                    try:
+                        self._read_once(remaining)
+                    finally:
+                        cond.acquire()
                         turn.release()
-                if self._owed:
-                    self._send_owed()
+                    if self._owed:  # (the send lock is never taken under _cond)
+                        cond.release()
+                        try:
+                            self._send_owed()
+                        finally:
+                            cond.acquire()
+                else:
+                    cond.wait(remaining)
+            down = self._down
         finally:
-            with cond:
-                turn.leave()
+            turn.leave()
+            cond.release()
+        # (the ledger is not read under _cond)
+        if self._closed is not None:
+            raise self._closed_error()
+        if down is not None:
+            raise self._still_reconnecting(waited if waited is not None else timeout)
+        raise expired()
 
     def _read_once(self, timeout: float | None, wake: socket.socket | None = None) -> None:
         """Read what arrives within ``timeout`` (or until ``wake`` is readable) and handle it;
