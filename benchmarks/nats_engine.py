@@ -14,7 +14,9 @@ ratios, not the absolute numbers (these machines are shared and noisy).
   time, local against nats (in one process).
 - ``workers``: a CPU-heavy processor (a fixed loop of Python per record, its cost printed)
   with 1 and 2 worker processes behind one connector; the client pushes, and the run ends when
-  the route's consumer in JetStream has nothing pending or unacknowledged.
+  the route's consumer in JetStream has nothing pending or unacknowledged. With 2 workers it
+  also prints the cores each part used (``cores_*``, CPU seconds over wall seconds, from
+  /proc): what the workers can have of the machine.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def nats_server(store: Path) -> Iterator[str]:
+def nats_server(store: Path) -> Iterator[tuple[str, int]]:
+    """A ``nats-server -js`` on a free port: its URL and process id."""
     binary = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
     port = free_port()
     proc = subprocess.Popen(
@@ -67,7 +70,7 @@ def nats_server(store: Path) -> Iterator[str]:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("nats-server did not start")
             time.sleep(0.05)
-        yield f"nats://{HOST}:{port}"
+        yield f"nats://{HOST}:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(20)
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         directory = Path(scratch)
-        url = stack.enter_context(nats_server(directory / "jetstream"))
+        url, _ = stack.enter_context(nats_server(directory / "jetstream"))
 
         def nats(stream: str) -> dict[str, str]:
             return {"kind": "nats", "url": url, "stream": stream}
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(workers(runs, n_heavy))
     width = max(map(len, result))
     for name, value in result.items():
-        shown = f"{value:.2f}" if "ratio" in name or "_us_" in name else f"{value:,.0f}"
+        exact = "ratio" in name or "_us_" in name or name.startswith("cores")
+        shown = f"{value:.2f}" if exact else f"{value:,.0f}"
         print(f"{name:<{width}}  {shown}")
     return 0
 
@@ -271,25 +275,45 @@ def workers(runs: int, n: int) -> dict[str, float]:
     rates: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         directory = Path(scratch)
-        url = stack.enter_context(nats_server(directory / "jetstream"))
+        url, nats_pid = stack.enter_context(nats_server(directory / "jetstream"))
         toml = workflow(directory, "heavy", {"kind": "nats", "url": url, "stream": "heavy"})
         connector = stack.enter_context(server(toml, "--role", "connector"))
-        stack.enter_context(Worker(toml))
+        first = stack.enter_context(Worker(toml))
         conn = stack.enter_context(mzconnector.connect(HOST, connector.port))
         consumer = Consumer(url, "heavy", "in")
         stack.callback(consumer.close)
         records = [conn.udrs.Rec(i=i, s=f"r{i}", f=i / 2) for i in range(n)]
         heavy_rate(conn, records[: n // 10], consumer)  # warm up
+        # Cores each part used during the runs with 2 workers: what the workers can have.
+        busy: dict[str, list[float]] = {"workers": [], "connector": [], "nats": [], "client": []}
         for _ in range(runs):
             rates[1].append(heavy_rate(conn, records, consumer))
-            with Worker(toml):
+            with Worker(toml) as second:
+                pids = {
+                    "workers": [first.proc.pid, second.proc.pid],
+                    "connector": [connector.pid],
+                    "nats": [nats_pid],
+                    "client": [os.getpid()],
+                }
+                before = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
+                started = time.perf_counter()
                 rates[2].append(heavy_rate(conn, records, consumer))
+                elapsed = time.perf_counter() - started
+                for k, v in pids.items():
+                    busy[k].append((sum(map(cpu_seconds, v)) - before[k]) / elapsed)
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     return {
         "heavy_records_per_s_1_worker": one,
         "heavy_records_per_s_2_workers": two,
         "heavy_ratio_2_workers_to_1": two / one,
+        **{f"cores_{k}_with_2_workers": statistics.median(v) for k, v in busy.items()},
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

@@ -263,9 +263,9 @@ class Connector:
 
     def _record_frames(self, batch: Batch) -> Iterator[tuple[list[bytearray], int]]:
         """The ``Records`` frames of a routed batch, in outbox items of bounded size."""
-        items, payload = self._wire_items(batch)
+        items, payload, pickles = self._wire_items(batch)
         for chunk in _delivery_chunks(items, payload):
-            frames, kept = self._encode(chunk, batch)
+            frames, kept = self._encode(chunk, batch, pickles)
             if kept:
                 yield frames, len(kept)
 
@@ -285,10 +285,10 @@ class Connector:
         frame, with the items each holds (objects that are not records pickled); records that
         cannot travel are left out, logged and counted (as ``deliver`` does)."""
         batch = Batch(route, records, None)
-        items, payload = self._wire_items(batch)
+        items, payload, pickles = self._wire_items(batch)
         out = []
         for chunk in _delivery_chunks(items, payload):
-            frames, kept = self._encode(chunk, batch)
+            frames, kept = self._encode(chunk, batch, pickles)
             start = 0
             for frame in frames:
                 raw = _records_frame.decode(memoryview(frame)[4:]).items
@@ -297,10 +297,17 @@ class Connector:
                 start = end
         return out
 
-    def _wire_items(self, batch: Batch) -> tuple[list[Any], int]:
+    def _wire_items(self, batch: Batch) -> tuple[list[Any], int, bool]:
         """What can travel of a batch: records and bytes as they are, other objects pickled
-        (counted undeliverable when they cannot be); and the bytes of its bytes payloads."""
+        (counted undeliverable when they cannot be); the bytes of its bytes payloads; and
+        whether it holds pickles."""
+        records = batch.records
+        kinds = set(map(type, records))
+        if kinds <= self.record_types:  # the usual batch, looked at in one pass at C speed
+            return records, 0, False
         wire_types = self.wire_types
+        if kinds <= wire_types and Pickled not in kinds:
+            return records, sum(len(r) for r in records if type(r) is bytes), False
         items = []
         payload = 0  # bytes of bytes payloads, to bound outbox items
         for record in batch.records:
@@ -319,9 +326,11 @@ class Connector:
                     type(record).__name__,
                     exc,
                 )
-        return items, payload
+        return items, payload, True
 
-    def _encode(self, chunk: list[Any], batch: Batch) -> tuple[list[bytearray], list[Any]]:
+    def _encode(
+        self, chunk: list[Any], batch: Batch, pickles: bool
+    ) -> tuple[list[bytearray], list[Any]]:
         """Frames of a chunk of items, checked: a record that does not match its declared type
         is the routing processor's error, and an item too large for any frame is undeliverable;
         either is left out, logged and counted. Returns the frames and the items they hold."""
@@ -331,16 +340,17 @@ class Connector:
         except LocalProtocolError:
             chunk = self._fitting(chunk, limit - FRAME_OVERHEAD, batch)
             frames = encode_record_frames(chunk, limit) if chunk else []
-        if self._validator is not None and not self._valid(frames, chunk):
+        if self._validator is not None and not self._valid(frames, chunk, pickles):
             chunk = self._matching(chunk, batch)
             frames = encode_record_frames(chunk, limit) if chunk else []
         return frames, chunk
 
-    def _valid(self, frames: list[bytearray], chunk: list[Any]) -> bool:
+    def _valid(self, frames: list[bytearray], chunk: list[Any], pickles: bool) -> bool:
         validator = self._validator
         assert validator is not None
         try:
-            if any(type(item) is Pickled for item in chunk):  # the validator admits no pickles
+            if pickles and any(type(item) is Pickled for item in chunk):  # (the validator
+                # admits no pickles)
                 records = [item for item in chunk if type(item) in self.record_types]
                 validator.decode(_encoder.encode(records))
             else:

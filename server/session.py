@@ -664,17 +664,17 @@ class ServerConnection:
             return f"the client reported an error: {event.message}"
         return None
 
-    def _numbered(self, first: int, length: int) -> tuple[int, int] | None:
+    def _numbered(self, first: int, length: Callable[[], int]) -> tuple[int, int] | None:
         """The number of a batch's first record (``first``, or for 0 what follows what was
         taken) and how many of its first records were taken before (a resent batch); None
-        when all of them were."""
+        when all of them were. ``length()`` (the batch's) is asked for a resent batch only."""
         taken = self.session.taken
         if not first:
             return taken + 1, 0
         skip = taken - first + 1
         if skip <= 0:
             return first, 0
-        if skip >= length:
+        if skip >= length():
             log.debug("%s: a resent batch, every record taken before", self.name)
             return None
         log.debug("%s: a resent batch, its first %d records taken before", self.name, skip)
@@ -684,7 +684,7 @@ class ServerConnection:
         """Take a batch whose first record is number ``first`` of the client's session (0:
         unnumbered, so it follows what was taken). Records numbered at or below what the
         session has taken were taken before this resend: they are dropped."""
-        numbered = self._numbered(first, batch_length(raw))
+        numbered = self._numbered(first, lambda: batch_length(raw))
         if numbered is None:
             return
         first, skip = numbered
@@ -728,7 +728,7 @@ class ServerConnection:
         refused as bad records are, and the others are taken, as records. Rows are numbered
         in the session as records are (a resent batch is taken once)."""
         rows = event.rows
-        numbered = self._numbered(event.first, rows)
+        numbered = self._numbered(event.first, lambda: rows)
         if numbered is None:
             return
         first, skip = numbered

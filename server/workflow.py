@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import time
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
@@ -342,7 +343,8 @@ def _id(connection: ConnectionInfo | ConnectionRequest | ConnectionEnded | int) 
 
 class ProcessorStats:
     """What one processor did: plain counters, bumped once per batch (busy time is measured
-    with ``trio.current_time()`` around a batch, never per record)."""
+    with ``time.perf_counter()`` around a batch, never per record: trio's clock costs several
+    times more to read)."""
 
     __slots__ = ("batches", "busy", "errors", "records")
 
@@ -424,7 +426,7 @@ class ProcessorRunner:
         ctx.route_name = batch.route
         ctx.connection = batch.origin
         ctx._target = batch.connection
-        started = trio.current_time()
+        started = time.perf_counter()
         if batch.query is not None:
             await self._answer(batch)
             return
@@ -435,7 +437,7 @@ class ProcessorRunner:
         stats = self.stats
         stats.records += len(batch.records)
         stats.batches += 1
-        stats.busy += trio.current_time() - started
+        stats.busy += time.perf_counter() - started
         await self._hand_on(batch)
 
     async def _process_records(self, batch: Batch) -> None:
