@@ -594,6 +594,21 @@ class Bench:
                 f"{mz['connect_s']:.1f} s",
             )
         )
+        many_cpu, one_cpu = mz["cpu_ns"]["many"], mz["cpu_ns"]["one"]
+        rows.append(
+            row(
+                "5 many clients",
+                f"server CPU per record, {clients} clients (baseline: one client)",
+                "ns",
+                [many_cpu[0]],
+                [one_cpu[0]],
+                baseline_name="the connector, one client",
+                better="lower",
+                note=f"client processes' CPU per record: {many_cpu[1]:.0f} ns from "
+                f"{procs} processes holding {clients} connections, {one_cpu[1]:.0f} ns from "
+                "one; on this machine they share its cores with the server",
+            )
+        )
         rows.append(
             row(
                 "5 many clients",
@@ -642,8 +657,14 @@ class Bench:
                 argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
             )
 
+        cpu: dict[str, list[float]] = {"many": [0.0, 0.0, 0.0], "one": [0.0, 0.0, 0.0]}
+
         def push(children: list[subprocess.Popen[str]], expected: int) -> float:
+            """Records/s of one push by ``children``; the CPU seconds the server and the
+            client processes spent meanwhile are added to ``cpu`` (with the records)."""
             before = self._query(probe)[0] if probe else 0
+            server_cpu = cpu_seconds(server.pid)
+            clients_cpu = sum(cpu_seconds(child.pid) for child in children)
             t = time.perf_counter()
             for child in children:
                 child.stdin.write("push\n")  # type: ignore[union-attr]
@@ -658,6 +679,10 @@ class Bench:
             elapsed = time.perf_counter() - t
             if counted != expected:
                 raise RuntimeError(f"{counted} of {expected} records counted")
+            spent = cpu["many" if children is many else "one"]
+            spent[0] += cpu_seconds(server.pid) - server_cpu
+            spent[1] += sum(cpu_seconds(child.pid) for child in children) - clients_cpu
+            spent[2] += expected
             return expected / elapsed
 
         try:
@@ -692,6 +717,8 @@ class Bench:
                 "start_rss_kib": start_rss,
                 "idle_rss_kib": idle_rss,
                 "peak_rss_kib": server.memory()["VmHWM"],
+                # CPU ns per record: (server, client processes), pushing from many and from one
+                "cpu_ns": {k: (a / max(1, n) * 1e9, b / max(1, n) * 1e9) for k, (a, b, n) in cpu.items()},
             }
         finally:
             for child in many + one:
