@@ -174,6 +174,11 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _per_record(server: float, clients: float, records: float) -> tuple[float, float]:
+    """CPU seconds of (server, clients) for ``records`` records, as ns per record."""
+    return server / max(1, records) * 1e9, clients / max(1, records) * 1e9
+
+
 class Meter:
     """CPU seconds the server process and this (client) process spent while timed, and the
     operations (round trips, records, bytes) done meanwhile. On loopback, the kernel's TCP
@@ -718,7 +723,7 @@ class Bench:
                 "idle_rss_kib": idle_rss,
                 "peak_rss_kib": server.memory()["VmHWM"],
                 # CPU ns per record: (server, client processes), pushing from many and from one
-                "cpu_ns": {k: (a / max(1, n) * 1e9, b / max(1, n) * 1e9) for k, (a, b, n) in cpu.items()},
+                "cpu_ns": {k: _per_record(*spent) for k, spent in cpu.items()},
             }
         finally:
             for child in many + one:
