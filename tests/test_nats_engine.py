@@ -453,3 +453,52 @@ def test_not_ready_while_nats_is_away(
     nats_server.start()
     wait_for(lambda: _http(url + "readyz")[0] == 200, "ready again")
     wait_for(lambda: _probe_open(probe), "the probe port open again")
+
+
+# -- what a worker never does ---------------------------------------------------------------------
+
+
+class _Trap:
+    """Unpickling this creates the file named by ``path``: proof that something unpickled it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_worker_never_unpickles_what_arrives_on_a_route(
+    nats_server: NatsServer, start_server: StartServer, log: Log, tmp_path: Path
+) -> None:
+    """Anyone who can publish on the stream can put a pickle on a processor's route: the worker
+    drops the message unread (processors get declared records, bytes and plain values only) and
+    goes on with the next. Pickles travel only towards connectors, which pass them on."""
+    import asyncio
+    import pickle
+
+    import msgspec
+    import nats
+
+    toml = nats_workflow(tmp_path, nats_server)
+    connector = start_server(toml, "--role", "connector")
+    worker = start_server(toml, "--role", "worker")
+    trap = tmp_path / "unpickled"
+    payload = mzconnector.Pickled(pickle.dumps(_Trap(trap)))
+    with connect(connector) as conn:
+        push(conn, "before", range(10))  # the route's stream and consumer exist
+        wait_for(lambda: len(log.seqs("before")) == 10, "the first records processed")
+
+        async def publish() -> None:
+            client = await nats.connect(nats_server.url)
+            try:
+                js = client.jetstream()
+                await js.publish("mz_rel_log.r.in", msgspec.msgpack.encode([payload]))
+            finally:
+                await client.close()
+
+        asyncio.run(publish())
+        push(conn, "after", range(10))  # one worker: processed after the pickle's message
+        wait_for(lambda: len(log.seqs("after")) == 10, "the records after it processed")
+    assert not trap.exists()
+    assert "a message on route 'in' cannot be read" in worker.log()
