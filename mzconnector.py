@@ -4162,12 +4162,10 @@ class Connection(_ClientBase):
             self._cond.notify_all()  # the background reader may wait for room
         return record
 
-    def receive_many(
-        self, max_records: int | None = None, timeout: float | None = 0.0
-    ) -> list[Any]:
-        """Every record already received (at most ``max_records``); if there is none, waits
-        up to ``timeout`` for the first. Returns an empty list on timeout. Raises
-        ``RecordRefused`` first if records were refused."""
+    def _arrived(self, timeout: float | None) -> bool:
+        """Send what is buffered; then, if nothing has arrived, wait up to ``timeout`` for
+        the first record: False if none came. Raises ``RecordRefused`` first if records were
+        refused."""
         if self._errors:
             self._check()
         if self._buf:
@@ -4177,9 +4175,19 @@ class Connection(_ClientBase):
             try:
                 self._wait(lambda: bool(self._inbox or self._errors), timeout, Timeout)
             except Timeout:
-                return []
+                return False
             if self._errors:
                 self._check()
+        return True
+
+    def receive_many(
+        self, max_records: int | None = None, timeout: float | None = 0.0
+    ) -> list[Any]:
+        """Every record already received (at most ``max_records``); if there is none, waits
+        up to ``timeout`` for the first. Returns an empty list on timeout. Raises
+        ``RecordRefused`` first if records were refused."""
+        if not self._arrived(timeout):
+            return []
         with self._cond:
             out = self._take_records(max_records)
             self._cond.notify_all()
@@ -4196,18 +4204,8 @@ class Connection(_ClientBase):
         ``receive``; ``TypeError`` if that item is first. Raises ``RecordRefused`` first if
         records were refused."""
         pd = _import_pandas()
-        if self._errors:
-            self._check()
-        if self._buf:
-            with self._send_lock:
-                self._send_buffer()
-        if not self._inbox:
-            try:
-                self._wait(lambda: bool(self._inbox or self._errors), timeout, Timeout)
-            except Timeout:
-                return pd.DataFrame()
-            if self._errors:
-                self._check()
+        if not self._arrived(timeout):
+            return pd.DataFrame()
         with self._cond:
             segments = self._take_frame(max_records)
             self._cond.notify_all()

@@ -133,6 +133,7 @@ class ProcessorContext:
         batch at the earliest). ``connection`` (an id or a ``ConnectionInfo``) names the one
         client it is for, with per-connection routing; without it, a record goes to the client
         the record being processed was routed for, if one was named."""
+        # (``_output``, inlined: this runs once per record routed)
         key = (route, self._target if connection is None else _id(connection))
         out = self._out.get(key)
         if out is None:

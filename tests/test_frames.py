@@ -459,6 +459,28 @@ def test_the_server_refuses_the_bad_rows_of_a_batch_and_takes_the_others(
         assert (values["Records In"], values["Records Refused"]) == (4, 1)
 
 
+def test_a_resent_column_batch_is_taken_once(server: ServerProcess) -> None:
+    """Column batches carry the number of their first row in the client's session, as record
+    batches do: rows the server took before (a resend after a reconnection) are dropped,
+    also from a batch it took only partly."""
+    with connect(server) as conn:
+        prepared = mzconnector.frame_columns(rows(7), conn.udrs.Row)
+        frames = [
+            prepared.frame(0, 5, 1),  # rows 0-4, numbered 1-5
+            prepared.frame(2, 7, 3),  # rows 2-6: 2-4 taken before, 5 and 6 new
+            prepared.frame(0, 3, 1),  # every row taken before
+        ]
+        with conn._send_lock:
+            conn._ledger.sent = 7
+            conn._protocol.send_columns(frames)
+            for frame in frames:
+                conn._transport.send(frame)
+        conn.flush()
+        assert [conn.receive(timeout=5).i for _ in range(7)] == list(range(7))
+        assert conn.receive_many(timeout=0.5) == []
+        assert conn.mim()["Records In"] == 7
+
+
 def test_the_server_refuses_a_batch_no_row_of_which_fits(server: ServerProcess) -> None:
     with connect(server) as conn:
         wrong = {**good_columns(3), "f": ("int", np.zeros(3, "<i8").tobytes(), b"", b"")}
