@@ -7023,21 +7023,28 @@ def _record_to(
     max_records: int | None,
     seconds: float | None,
 ) -> int:
-    deadline = None if seconds is None else time.monotonic() + seconds
     writer = _ParquetWriter(path, header) if kind == "parquet" else _JsonlWriter(path, header)
     count = 0
     with writer:
-        while max_records is None or count < max_records:
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                break
-            try:
-                item = receive(wait)
-            except Timeout:
-                break
+        for item in _arrivals(receive, max_records, seconds):
             writer.write(datetime.datetime.now(datetime.timezone.utc), _record_json(item))
             count += 1
     return count
+
+
+def _arrivals(
+    receive: Callable[[float | None], Any], count: int | None, seconds: float | None
+) -> Iterator[Any]:
+    """What ``receive(timeout)`` gives, until ``count`` items, ``seconds`` s, or a timeout."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    for _ in itertools.repeat(None) if count is None else range(count):
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            return
+        try:
+            yield receive(wait)
+        except Timeout:
+            return
 
 
 def _recording_format(path: str, format: str | None) -> str:
@@ -7393,20 +7400,10 @@ def _matcher(args: Any) -> dict[str, Any] | None:
 
 
 def _cmd_tail(conn: Connection, args: Any, out: _Output) -> int:
-    deadline = None if args.seconds is None else time.monotonic() + args.seconds
-    count = 0
     with _incoming(conn, args.route, _matcher(args)) as receive:
         try:
-            while args.count is None or count < args.count:
-                wait = None if deadline is None else deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    break
-                try:
-                    item = receive(wait)
-                except Timeout:
-                    break
+            for item in _arrivals(receive, args.count, args.seconds):
                 out.emit(_record_json(item), repr(item))
-                count += 1
         except KeyboardInterrupt:  # the usual way to end a tail
             pass
     return EXIT_OK

@@ -1072,27 +1072,27 @@ class Bench:
 
     def _frame_push(self, conn: mzconnector.Connection, df: Any) -> float:
         """Rows/s of ``submit_frame`` + ``flush`` until the count processor counted them."""
-        before = self._query(conn)[0]
-        t = time.perf_counter()
-        conn.submit_frame(df, "Rec")
-        conn.flush()
-        after = self._query(conn)[0]
-        elapsed = time.perf_counter() - t
-        if after - before != len(df):
-            raise RuntimeError(f"the processor counted {after - before} of {len(df)} rows")
-        return len(df) / elapsed
+        return self._counted_rate(conn, len(df), lambda: conn.submit_frame(df, "Rec"))
 
     def _today_push(self, conn: mzconnector.Connection, df: Any) -> float:
         """The same, the way it was done before column batches."""
+        return self._counted_rate(
+            conn, len(df), lambda: conn.submit_many(from_dataframe_6f33ee1(df, conn.udrs.Rec))
+        )
+
+    def _counted_rate(
+        self, conn: mzconnector.Connection, rows: int, push: Callable[[], Any]
+    ) -> float:
+        """Rows/s of ``push()`` + ``flush`` until the count processor has counted ``rows``."""
         before = self._query(conn)[0]
         t = time.perf_counter()
-        conn.submit_many(from_dataframe_6f33ee1(df, conn.udrs.Rec))
+        push()
         conn.flush()
         after = self._query(conn)[0]
         elapsed = time.perf_counter() - t
-        if after - before != len(df):
-            raise RuntimeError(f"the processor counted {after - before} of {len(df)} rows")
-        return len(df) / elapsed
+        if after - before != rows:
+            raise RuntimeError(f"the processor counted {after - before} of {rows} rows")
+        return rows / elapsed
 
     def _frame_echo(self, conn: mzconnector.Connection, df: Any) -> float:
         """Rows/s of a DataFrame pushed (in a thread) to a processor that sends it back, and

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import trio
 
 from mzserver import Config, Server, serve
-from tests.test_server import SCHEMA
+from tests.test_server import make_config
 
 
 class Response(NamedTuple):
@@ -67,24 +67,12 @@ def http_config(
     def echo(record: Any, ctx: Any) -> None:
         ctx.route("back", record)
 
-    return Config.from_dict(
-        {
-            "workflow": {"name": "observed"},
-            "connector": {
-                "host": "127.0.0.1",
-                "port": 0,
-                "accepted_types": ["Subscriber", "bytes"],
-                "input_routes": ["back"],
-                "output_routes": {"Subscriber": "in", "bytes": "in"},
-                **connector,
-            },
-            "http": {"host": "127.0.0.1", "port": 0, **(http or {})},
-            "mim": {"Last Balance": "int", "Ratio": "float", "Last Client": "str"},
-            "types": SCHEMA,
-            "processors": [{"name": "proc", "entry": processor or echo, "routes": ["in"]}],
-        },
-        source="observed.toml",
-    )
+    tables = {
+        "workflow": {"name": "observed"},
+        "http": {"host": "127.0.0.1", "port": 0, **(http or {})},
+        "mim": {"Last Balance": "int", "Ratio": "float", "Last Client": "str"},
+    }
+    return make_config(processor or echo, tables=tables, source="observed.toml", **connector)
 
 
 @asynccontextmanager

@@ -357,36 +357,20 @@ def test_frames_and_batch_processors_over_nats(
     worker gets it as a DataFrame and routes it back with route_frame; a list batch processor
     gets records; an ordinary processor gets records."""
     pd = pytest.importorskip("pandas")
+    from tests.test_frames import rich, rows  # (pandas and numpy are there: skipped above)
+
     toml = nats_workflow(tmp_path, nats_server, "frames")
     connector = start_server(toml, "--role", "connector")
     start_server(toml, "--role", "worker")
     n = 3000
-    df = pd.DataFrame(
-        {
-            "i": range(n),
-            "s": [f"s{i}" for i in range(n)],
-            "f": [i / 2 for i in range(n)],
-            "maybe": pd.array([None if i % 2 else i for i in range(n)], dtype="Int64"),
-        }
-    )
-    rich = df.assign(
-        b=True,
-        at=pd.Timestamp("2026-01-01"),
-        note=None,
-        ratio=None,
-        flag=None,
-        when=None,
-        raw=b"r",
-        tags=[["t"]] * n,
-        extra=[{}] * n,
-        cell=None,
-    )
+    df = rows(n)
+    riches = rich(df)
     with connect(connector) as conn:
         conn.submit_frame(df, "Row")
         conn.flush()
-        rows = [conn.receive(timeout=30) for _ in range(n)]
-        assert [r.i for r in rows] == list(range(n))
-        conn.submit_frame(rich, "Rich")
+        received = [conn.receive(timeout=30) for _ in range(n)]
+        assert [r.i for r in received] == list(range(n))
+        conn.submit_frame(riches, "Rich")
         conn.flush()
         back = []
         got_rows = 0
@@ -398,9 +382,9 @@ def test_frames_and_batch_processors_over_nats(
             back.append(part)
             got_rows += len(part)
         got = pd.concat(back, ignore_index=True)
-        riches = got[got["_type"] == "Rich"]
-        assert riches["i"].tolist() == list(range(n))
-        assert riches["s"].tolist() == df["s"].tolist()
+        came_back = got[got["_type"] == "Rich"]
+        assert came_back["i"].tolist() == list(range(n))
+        assert came_back["s"].tolist() == df["s"].tolist()
         call = got[got["_type"] == "Call"]
         assert call["kind"].tolist() == ["DataFrame"]
         assert call["frame_type"].tolist() == ["Rich"]

@@ -43,7 +43,15 @@ SCHEMA = {
 }
 
 
-def make_config(processor: Callable[..., Any], **connector: Any) -> Config:
+def make_config(
+    processor: Callable[..., Any],
+    *,
+    tables: dict[str, Any] | None = None,
+    source: str = "inproc.toml",
+    **connector: Any,
+) -> Config:
+    """A workflow: Subscriber records go to ``processor`` on route "in"; "back" is the input
+    route. ``tables`` replace or add whole tables (``mim``, ``http``, ...)."""
     return Config.from_dict(
         {
             "workflow": {"name": "inproc"},
@@ -59,8 +67,9 @@ def make_config(processor: Callable[..., Any], **connector: Any) -> Config:
             "mim": {"Last Balance": "int", "Last Client": "str"},
             "types": SCHEMA,
             "processors": [{"name": "proc", "entry": processor, "routes": ["in"]}],
+            **(tables or {}),
         },
-        source="inproc.toml",
+        source=source,
     )
 
 
